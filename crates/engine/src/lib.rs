@@ -1,0 +1,3 @@
+//! The tensor engine on libtorch: Llama-family model, LoRA, trainer, generation.
+//!
+//! Filled by its own issue; see docs/ARCHITECTURE.md.

@@ -1,0 +1,3 @@
+//! EvalSkill: eval loss, perplexity, delta against the base, generation metrics.
+//!
+//! Filled by its own issue; see docs/ARCHITECTURE.md.
