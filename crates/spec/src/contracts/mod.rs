@@ -1,0 +1,35 @@
+//! The Input and Output types of every skill (seed 001), kept here so that
+//! callers (the orchestrator, agents, tests with doubles) use a skill through
+//! the registry without linking the crate that implements it.
+//!
+//! Field names of seed 001 are the contract: they are kept, and added to.
+//! Each skill's crate implements `lora_skill::Skill` with these types.
+
+pub mod artifact;
+pub mod config;
+pub mod dataset;
+pub mod eval;
+pub mod hpo;
+pub mod merge;
+pub mod orchestrator;
+pub mod training;
+
+/// Registry names of the skills, so that callers never spell them twice.
+pub mod names {
+    /// `DatasetSkill`.
+    pub const DATASET: &str = "dataset_analyze";
+    /// `LoRAConfigSkill`.
+    pub const CONFIG: &str = "lora_config";
+    /// `TrainingSkill`.
+    pub const TRAINING: &str = "training";
+    /// `EvalSkill`.
+    pub const EVAL: &str = "eval";
+    /// `HPOSkill`.
+    pub const HPO: &str = "hpo";
+    /// `ArtifactSkill`.
+    pub const ARTIFACT: &str = "artifact_store";
+    /// `MergeSkill`.
+    pub const MERGE: &str = "merge";
+    /// `LoRATrainerSkill` (the orchestrator).
+    pub const ORCHESTRATOR: &str = "lora_trainer";
+}

@@ -1,0 +1,5 @@
+//! tmp
+/// x
+pub struct ExperimentFile;
+/// x
+pub struct ExperimentSpec;
