@@ -1,2 +1,62 @@
-//! tmp
-fn main() {}
+//! `lora-trainer`: the command line of the lora-trainer workspace.
+//!
+//! Every command is a thin layer over the library crates: it parses
+//! arguments, builds a [`lora_skill::SkillContext`] whose events are drawn as
+//! indicatif bars, calls a skill or a library function, and prints a readable
+//! table or `--json`. Exit codes: 0 ok, 1 failed run, 2 bad input.
+
+mod cmd;
+mod exit;
+mod render;
+mod skills;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Run LoRA/QLoRA fine-tuning experiments end to end.
+#[derive(Debug, Parser)]
+#[command(name = "lora-trainer", version, about, long_about = None)]
+struct Cli {
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check an experiment spec (YAML or JSON) and print what it resolves to.
+    Validate(cmd::validate::Args),
+    /// List every registered skill.
+    Skills(cmd::skills::ListArgs),
+    /// Run one registered skill on a JSON input and print its StepResult as JSON.
+    Skill(cmd::skills::CallArgs),
+    /// Export the JSON schemas of every skill and of the experiment spec.
+    Schema(cmd::schema::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    render::init_tracing(cli.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return exit::report(anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Validate(a) => cmd::validate::run(a).await,
+            Command::Skills(a) => cmd::skills::list(a).await,
+            Command::Skill(a) => cmd::skills::call(a).await,
+            Command::Schema(a) => cmd::schema::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => exit::report(e),
+    }
+}

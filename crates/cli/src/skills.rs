@@ -1,0 +1,11 @@
+//! The registry of real skills the binary ships. Each area registers its
+//! skill here; nothing else in the CLI names a concrete skill type.
+
+use lora_skill::SkillRegistry;
+
+/// Every skill this binary can run.
+pub fn registry() -> SkillRegistry {
+    #[allow(unused_mut)] // Areas add their skills below.
+    let mut reg = SkillRegistry::new();
+    reg
+}
