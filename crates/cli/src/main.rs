@@ -7,6 +7,7 @@
 
 mod cmd;
 mod exit;
+mod output;
 mod render;
 mod skills;
 

@@ -133,3 +133,21 @@ fn fmt_num(v: f64) -> String {
         format!("{v:.4}")
     }
 }
+
+/// A cancellation token that the first Ctrl-C cancels (skills then stop at
+/// their next checkpoint); a second Ctrl-C exits at once with code 130.
+/// Must be called inside the tokio runtime.
+pub fn ctrl_c_token() -> lora_skill::CancelToken {
+    let token = lora_skill::CancelToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::warn!("Ctrl-C: stopping at the next safe point (press again to abort)");
+            t.cancel();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    token
+}

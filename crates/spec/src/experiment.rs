@@ -799,7 +799,8 @@ pub fn load_experiment(path: &Path) -> Result<(ExperimentSpec, Loaded), SpecErro
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    spec.resolve_paths(base);
+    let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+    spec.resolve_paths(&base);
     Ok((spec, loaded))
 }
 

@@ -435,6 +435,66 @@ impl TrainingConfig {
     }
 }
 
+impl TrainingConfig {
+    /// The nested view of a trial (the inverse of [`apply_to`](Self::apply_to) for
+    /// the sections this build trains with), so overrides start from the spec.
+    pub fn from_trial(t: &TrialConfig) -> Self {
+        let t = t.normalized();
+        Self {
+            base_model: t.base_model.clone(),
+            epochs: t.epochs,
+            seed: t.seed,
+            lora: LoraSection {
+                r: t.lora_rank,
+                alpha: t.lora_alpha,
+                dropout: t.lora_dropout,
+                target_modules: t.target_modules.clone(),
+                use_rslora: t.use_rslora,
+                use_dora: false,
+            },
+            optimizer: OptimizerSection {
+                learning_rate: t.learning_rate,
+                warmup_ratio: t.warmup_ratio,
+                weight_decay: t.weight_decay,
+                scheduler: t.lr_scheduler,
+                max_grad_norm: t.max_grad_norm,
+            },
+            batch: BatchSection {
+                batch_size: t.micro_batch_size,
+                gradient_accumulation_steps: t.gradient_accumulation,
+            },
+            data: DataSection {
+                max_seq_length: t.max_seq_length,
+                ..DataSection::default()
+            },
+            logging: LoggingSection {
+                save_strategy: if t.save_steps.is_some() { SaveStrategy::Steps } else { SaveStrategy::No },
+                save_steps: t.save_steps.map(|s| s.min(u64::from(u32::MAX)) as u32).unwrap_or(500),
+                eval_steps: t.eval_steps.map(|s| s.min(u64::from(u32::MAX)) as u32),
+                ..LoggingSection::default()
+            },
+            ..Self::default()
+        }
+    }
+}
+
+/// Deep-merges `over` into `base` (objects merge key by key; anything else replaces).
+fn merge_json(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge_json(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
 /// Seed 003's presets: (group, variant, dotted path, value).
 pub const PRESETS: &[(&str, &str, &str, f64)] = &[
     ("lora_rank", "r4", "lora.r", 4.0),
@@ -566,6 +626,18 @@ pub fn load_training_config(
     overrides: &[String],
     preset: Option<&str>,
 ) -> Result<TrainingConfig, SpecError> {
+    load_training_config_over(None, file, overrides, preset)
+}
+
+/// Like [`load_training_config`], starting from `base` instead of the
+/// defaults (e.g. [`TrainingConfig::from_trial`] of a spec's `config:`), so a
+/// file or override changes only what it names.
+pub fn load_training_config_over(
+    base: Option<&TrainingConfig>,
+    file: Option<&Path>,
+    overrides: &[String],
+    preset: Option<&str>,
+) -> Result<TrainingConfig, SpecError> {
     let (mut doc, file_name) = match file {
         Some(p) => {
             let d = Document::read(p)?;
@@ -590,6 +662,11 @@ pub fn load_training_config(
     if !issues.is_empty() {
         doc.index.annotate(&mut issues);
         return Err(SpecError { file: file_name, issues });
+    }
+    if let Some(b) = base {
+        let mut merged = serde_json::to_value(b).unwrap_or(Value::Null);
+        merge_json(&mut merged, std::mem::take(&mut doc.value));
+        doc.value = merged;
     }
     for o in overrides {
         let Some((key, val)) = o.split_once('=') else {
@@ -723,6 +800,25 @@ mod tests {
         let e = load_training_config(Some(&p), &[], None).unwrap_err();
         assert_eq!(e.issues[0].path, "lora.dropout");
         assert_eq!(e.issues[0].line, Some(8));
+    }
+
+    #[test]
+    fn overrides_start_from_the_trial() {
+        let t = TrialConfig {
+            lora_rank: 64,
+            target_modules: vec!["q_proj".into()],
+            batch_size: 32,
+            micro_batch_size: 8,
+            ..Default::default()
+        };
+        let base = TrainingConfig::from_trial(&t);
+        let c = load_training_config_over(Some(&base), None, &["lora.r=8".into()], None).unwrap();
+        let mut out = t.clone();
+        assert!(c.apply_to(&mut out).is_empty());
+        assert_eq!(out.lora_rank, 8);
+        assert_eq!(out.target_modules, vec!["q_proj".to_string()]);
+        assert_eq!((out.batch_size, out.micro_batch_size), (32, 8));
+        assert_eq!(out.learning_rate, t.learning_rate);
     }
 
     #[test]
