@@ -1,1 +1,4 @@
-//! tmp
+//! The workspace's one integration-test binary: cross-crate scenarios and
+//! tidy checks, one module per area.
+
+mod tidy;

@@ -15,6 +15,7 @@ pub mod contracts;
 pub mod experiment;
 mod issue;
 pub mod load;
+pub mod reference;
 pub mod training_config;
 pub mod trial;
 
