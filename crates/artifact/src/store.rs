@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! <root>/index.sqlite            the index (WAL: also index.sqlite-wal, -shm)
-//! <root>/store.lock              advisory lock file (shared: store, verify; exclusive: gc)
+//! <root>/store.lock              advisory lock (shared: store, verify; exclusive: gc)
+//! <root>/gate.lock               taken briefly before store.lock; gc holds it, so it is not starved
 //! <root>/blobs/<h[0..2]>/<h>     one read-only file per distinct file content, h = its SHA-256
 //! <root>/adapters/<H>/...        a stored adapter folder: hard links to its blobs, H = adapter_hash
 //! <root>/adapters/<H>.sha256     its manifest (`sha256sum -c` format; H = SHA-256 of this file)
@@ -35,6 +36,11 @@
 //! The locks are `flock`-style: the kernel drops them when a process dies, so a
 //! killed writer never wedges the store. Verify takes the shared lock too, so a
 //! concurrent gc cannot make it report a file as missing.
+//!
+//! Shared locks overlap, so a steady stream of stores could keep gc waiting
+//! forever. Everyone therefore passes through `gate.lock` (exclusively, for a
+//! moment) before taking `store.lock`; gc keeps the gate while it waits for the
+//! stores in flight to drain, so new stores queue behind it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -120,6 +126,9 @@ impl Layout<'_> {
     fn lock(&self) -> PathBuf {
         self.0.join("store.lock")
     }
+    fn gate(&self) -> PathBuf {
+        self.0.join("gate.lock")
+    }
     fn blobs(&self) -> PathBuf {
         self.0.join("blobs")
     }
@@ -165,7 +174,11 @@ fn canonical(v: &Value) -> Value {
 }
 
 /// A held advisory lock; released on drop (and by the kernel if the process dies).
-struct LockGuard(#[allow(dead_code)] File); // Holding the file is the lock.
+/// Holding the files is the lock.
+struct LockGuard {
+    _gate: Option<File>,
+    _lock: File,
+}
 
 impl ArtifactStore {
     /// Opens the store at `root`, creating it (folders and index) when missing.
@@ -223,14 +236,32 @@ impl ArtifactStore {
         wait: Duration,
         ctx: Option<&SkillContext>,
     ) -> Result<LockGuard> {
-        let path = Layout(&self.root).lock();
+        let layout = Layout(&self.root);
+        let start = Instant::now();
+        // Through the gate first: gc keeps it while it waits, so new stores queue
+        // behind a waiting gc instead of starving it with overlapping shared locks.
+        let gate = self.acquire(&layout.gate(), true, start, wait, ctx)?;
+        let lock = self.acquire(&layout.lock(), exclusive, start, wait, ctx)?;
+        Ok(LockGuard {
+            _gate: exclusive.then_some(gate),
+            _lock: lock,
+        })
+    }
+
+    fn acquire(
+        &self,
+        path: &Path,
+        exclusive: bool,
+        start: Instant,
+        wait: Duration,
+        ctx: Option<&SkillContext>,
+    ) -> Result<File> {
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
-            .map_err(|e| ArtifactError::io(&path, e))?;
-        let start = Instant::now();
+            .open(path)
+            .map_err(|e| ArtifactError::io(path, e))?;
         loop {
             let r = if exclusive {
                 f.try_lock()
@@ -238,9 +269,9 @@ impl ArtifactStore {
                 f.try_lock_shared()
             };
             match r {
-                Ok(()) => return Ok(LockGuard(f)),
+                Ok(()) => return Ok(f),
                 Err(fs::TryLockError::WouldBlock) => {}
-                Err(fs::TryLockError::Error(e)) => return Err(ArtifactError::io(&path, e)),
+                Err(fs::TryLockError::Error(e)) => return Err(ArtifactError::io(path, e)),
             }
             if ctx.is_some_and(SkillContext::is_cancelled) {
                 return Err(ArtifactError::Cancelled);
@@ -256,7 +287,7 @@ impl ArtifactStore {
                     waited_s: start.elapsed().as_secs_f64(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
