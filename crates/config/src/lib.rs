@@ -1,3 +1,26 @@
-//! LoRAConfigSkill: model facts, memory estimate, smart defaults, compatibility, preflight.
+//! LoRAConfigSkill: model facts, memory estimate, smart defaults,
+//! compatibility checks and preflight (seed 001 §3, seed 002).
 //!
-//! Filled by its own issue; see docs/ARCHITECTURE.md.
+//! - [`model`]: a base model's architecture from its config.json (local
+//!   folder, the HF cache offline, or the built-in [`catalog`]) with the exact
+//!   parameter count;
+//! - [`memory`]: peak training memory with a breakdown, parameterised by
+//!   [`memory::MemoryCoefficients`] so measured peaks can calibrate it, and
+//!   what would make a setup fit;
+//! - [`device`] and [`throughput`]: the device table and time per step from
+//!   LoRA's FLOPs per token.
+//!
+//! No libtorch: everything here is arithmetic over config files. The
+//! formulas are documented in `docs/MEMORY.md`.
+
+pub mod catalog;
+pub mod device;
+mod error;
+pub mod memory;
+pub mod model;
+pub mod throughput;
+
+pub use error::ConfigError;
+pub use memory::{MemoryCoefficients, MemoryReport, Recipe, TrainSetup, estimate_memory, fit_plan};
+pub use model::{ModelFacts, ResolveOptions, resolve_model};
+pub use throughput::{StepEstimate, ThroughputCoefficients, estimate_step};
