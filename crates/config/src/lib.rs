@@ -26,6 +26,7 @@ mod error;
 pub mod memory;
 pub mod model;
 pub mod preflight;
+pub mod skill;
 pub mod throughput;
 
 pub use dataset::DatasetInfo;
@@ -33,4 +34,5 @@ pub use error::ConfigError;
 pub use memory::{MemoryCoefficients, MemoryReport, Recipe, TrainSetup, estimate_memory, fit_plan};
 pub use model::{ModelFacts, ResolveOptions, resolve_model};
 pub use preflight::{PreflightOptions, PreflightRequest, preflight, preflight_spec};
+pub use skill::{LoRAConfigSkill, PreflightSkill, register, run_preflight, suggest};
 pub use throughput::{StepEstimate, ThroughputCoefficients, estimate_step};
