@@ -1,0 +1,654 @@
+//! Scenario tests of the loop with the test doubles: stop rules, budget
+//! gating, dry run, preflight, resume after a crash at every journal point,
+//! faults in training, storing and merging, damaged and foreign journals.
+
+use std::path::Path;
+
+use lora_skill::{ErrorKind, MemorySink, SkillContext, SkillError, StepResult};
+use lora_spec::contracts::names;
+use lora_spec::contracts::orchestrator::{ExperimentState, LoRATrainerInput, StopReason};
+use lora_spec::experiment::ExperimentSpec;
+use serde_json::json;
+
+use crate::journal::{Fault, FaultKind, Journal};
+use crate::testing::{Doubles, FAKE_BASE_LOSS};
+use crate::{Options, Orchestrator};
+
+/// A scratch folder on tmpfs when there is one (the many-crash test does
+/// thousands of fsyncs, free on tmpfs), else in the default temp folder.
+pub(crate) fn fast_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::tempdir_in(shm)
+    {
+        return d;
+    }
+    tempfile::tempdir().unwrap()
+}
+
+pub(crate) fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A data file of `n` alpaca rows in `dir`.
+pub(crate) fn write_data(dir: &Path, n: usize) -> String {
+    let p = dir.join("data.jsonl");
+    let text: String = (0..n)
+        .map(|i| {
+            format!(
+                "{{\"instruction\": \"add {i} and 1\", \"output\": \"{}\"}}\n",
+                i + 1
+            )
+        })
+        .collect();
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+pub(crate) fn spec(dir: &Path, extra: serde_json::Value) -> ExperimentSpec {
+    let mut v = json!({
+        "dataset_path": write_data(dir, 40),
+        "base_model": dir.join("base").display().to_string(),
+        "experiment_name": "t",
+        "max_trials": 3,
+        "budget_gpu_hours": 10.0,
+        "output": {"dir": dir.join("runs").display().to_string()},
+    });
+    if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+        for (k, x) in e {
+            o.insert(k.clone(), x.clone());
+        }
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+pub(crate) fn input(spec: ExperimentSpec) -> LoRATrainerInput {
+    serde_json::from_value(json!({"experiment": spec})).unwrap()
+}
+
+pub(crate) fn run_with(
+    d: &Doubles,
+    inp: &LoRATrainerInput,
+    fault: Option<Fault>,
+) -> Result<StepResult<ExperimentState>, SkillError> {
+    let orch = Orchestrator::new(d.registry()).with_options(Options { fault });
+    let ctx = SkillContext::new(".");
+    rt().block_on(orch.run(inp, &ctx))
+}
+
+fn run(d: &Doubles, inp: &LoRATrainerInput) -> StepResult<ExperimentState> {
+    run_with(d, inp, None).unwrap()
+}
+
+fn without_model(c: &lora_spec::trial::TrialConfig) -> lora_spec::trial::TrialConfig {
+    let mut c = c.clone();
+    c.base_model = None;
+    c
+}
+
+/// What must be equal between an interrupted-and-resumed run and an uninterrupted one.
+pub(crate) fn essence(s: &ExperimentState) -> serde_json::Value {
+    json!({
+        "trials": s.trial_history.iter().map(|t| json!({
+            "id": t.trial_id,
+            "status": t.record.status,
+            "objective": t.record.objective,
+            "config": without_model(&t.record.config),
+            "steps": t.training_steps,
+            "gpu_hours": t.record.gpu_hours,
+            "final_loss": t.final_loss,
+            "version": t.artifact.as_ref().map(|a| a.version.clone()),
+            "hash": t.artifact.as_ref().map(|a| a.adapter_hash.clone()),
+            "eval": t.eval,
+        })).collect::<Vec<_>>(),
+        "best": s.best_trial.as_ref().map(|b| b.trial_id),
+        "stop": s.stop_reason,
+        "used": s.budget.gpu_hours_used,
+        "merged": s.merged_path.as_ref().map(|m| Path::new(m).file_name().map(|f| f.to_string_lossy().into_owned())),
+        "finished": s.finished,
+        "ablation": s.ablation.as_ref().map(|a| json!(a.rows)),
+        "ensemble": s.ensemble.as_ref().map(|e| json!({"members": e.members, "weights": e.weights, "metric": e.ensemble_metric})),
+    })
+}
+
+#[test]
+fn the_loop_runs_trials_merges_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles::new();
+    let inp = input(spec(dir.path(), json!({})));
+    let sink = MemorySink::new();
+    let ctx = SkillContext::new(".").with_sink(sink.clone());
+    let out = rt()
+        .block_on(Orchestrator::new(d.registry()).run(&inp, &ctx))
+        .unwrap();
+    let s = &out.data;
+    assert_eq!(s.trial_history.len(), 3);
+    assert!(
+        s.trial_history
+            .iter()
+            .all(|t| t.record.status == "completed")
+    );
+    assert_eq!(s.stop_reason, Some(StopReason::MaxTrials));
+    assert!(s.finished);
+    // The first grid point (lr 2e-4) is the best the fake loss allows at rank 8.
+    let best = s.best_trial.as_ref().unwrap();
+    let min = s
+        .trial_history
+        .iter()
+        .filter_map(|t| t.record.objective)
+        .fold(f64::MAX, f64::min);
+    assert_eq!(best.record.objective, Some(min));
+    assert_eq!(s.base_loss, Some(FAKE_BASE_LOSS));
+    let delta = best.eval.as_ref().unwrap().delta_vs_base_loss.unwrap();
+    assert!((delta - (min - FAKE_BASE_LOSS)).abs() < 1e-12);
+    // Versions v1..v3, budget = 3 trials x 12 steps x 1e-3 h.
+    let versions: Vec<_> = s
+        .trial_history
+        .iter()
+        .map(|t| t.artifact.as_ref().unwrap().version.clone())
+        .collect();
+    assert_eq!(versions, ["v1", "v2", "v3"]);
+    assert!((s.budget.gpu_hours_used - 0.036).abs() < 1e-9);
+    // Merged (safetensors by default) into the experiment folder.
+    let merged = s.merged_path.as_ref().unwrap();
+    assert!(Path::new(merged).join("model.safetensors").is_file());
+    assert_eq!(out.artifacts, vec![merged.clone()]);
+    assert_eq!(out.metadata["total_trials"], 3);
+    assert_eq!(out.metadata["best_trial_id"], best.trial_id);
+    assert_eq!(out.metadata["merged_path"], merged.as_str());
+    // HPO saw the history grow, with the base config and the seed.
+    let hpo = d.calls_to(names::HPO);
+    assert_eq!(hpo.len(), 3);
+    assert_eq!(hpo[2]["trial_history"].as_array().unwrap().len(), 2);
+    assert_eq!(hpo[0]["seed"], 42);
+    // The base loss is measured once.
+    let evals = d.calls_to(names::EVAL);
+    assert_eq!(
+        evals.iter().filter(|e| e["compute_delta"] == true).count(),
+        1
+    );
+    // Step 1..4 narrated.
+    for step in ["Step 1/4", "Step 2/4", "Step 3/4", "Step 4/4"] {
+        assert!(
+            out.output_text.contains(step),
+            "{step} missing in\n{}",
+            out.output_text
+        );
+    }
+    // Reports and plots.
+    let exp = Path::new(s.experiment_dir.as_ref().unwrap());
+    let md = std::fs::read_to_string(exp.join("report.md")).unwrap();
+    assert!(md.contains("| trial |") && md.contains("max_trials"));
+    assert!(
+        std::fs::read_to_string(exp.join("plots/loss_curves.svg"))
+            .unwrap()
+            .contains("trial 3")
+    );
+    assert!(exp.join("report.html").is_file());
+    let state: ExperimentState =
+        serde_json::from_str(&std::fs::read_to_string(exp.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state.trial_history.len(), 3);
+    // Progress: an overall bar with the budget left.
+    let has_overall = sink.events().iter().any(|e| {
+        matches!(e, lora_skill::Event::ProgressUpdate { metrics, .. } if metrics.contains_key("budget_left_h"))
+    });
+    assert!(has_overall);
+    // The lock is released.
+    assert!(!exp.join(crate::LOCK_FILE).exists());
+}
+
+#[test]
+fn threshold_stops_at_the_first_good_enough_trial() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles::new();
+    let out = run(&d, &input(spec(dir.path(), json!({"stop_threshold": 5.0}))));
+    assert_eq!(out.data.stop_reason, Some(StopReason::ThresholdReached));
+    assert_eq!(out.data.trial_history.len(), 1);
+    assert!(
+        out.data
+            .stop_message
+            .unwrap()
+            .contains("<= stop_threshold 5")
+    );
+}
+
+#[test]
+fn patience_stops_after_trials_without_improvement() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles {
+        lr_grid: vec![2e-4, 1e-5, 2e-5, 3e-5, 4e-5],
+        ..Doubles::new()
+    };
+    let s = spec(dir.path(), json!({"max_trials": 5, "stop_patience": 2}));
+    let out = run(&d, &input(s));
+    assert_eq!(out.data.stop_reason, Some(StopReason::PatienceExhausted));
+    assert_eq!(out.data.trial_history.len(), 3);
+    assert_eq!(out.data.best_trial.unwrap().trial_id, 1);
+}
+
+#[test]
+fn two_divergences_in_a_row_stop_the_experiment() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles {
+        lr_grid: vec![2e-4, 1e-3, 2e-3, 5e-5],
+        diverge_at_lr: Some(1e-3),
+        ..Doubles::new()
+    };
+    let s = spec(
+        dir.path(),
+        json!({"max_trials": 5, "protocol": {"early_stop_loss": 8.0}}),
+    );
+    let out = run(&d, &input(s));
+    let st = out.data;
+    assert_eq!(st.stop_reason, Some(StopReason::Diverged));
+    assert_eq!(st.trial_history.len(), 3);
+    assert!(st.trial_history[1].diverged && st.trial_history[2].diverged);
+    assert_eq!(st.trial_history[1].record.status, "failed");
+    assert!(
+        st.trial_history[1]
+            .failure
+            .as_ref()
+            .unwrap()
+            .contains("diverged")
+    );
+    // The diverged trials' device-hours are charged, and the good trial is merged.
+    assert!(st.trial_history[1].record.gpu_hours > 0.0);
+    assert_eq!(st.best_trial.unwrap().trial_id, 1);
+    assert!(st.merged_path.is_some());
+}
+
+#[test]
+fn max_loop_iterations_caps_the_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles::new();
+    let mut inp = input(spec(dir.path(), json!({"max_trials": 5})));
+    inp.max_loop_iterations = 2;
+    let out = run(&d, &inp);
+    assert_eq!(out.data.stop_reason, Some(StopReason::MaxLoopIterations));
+    assert_eq!(out.data.trial_history.len(), 2);
+}
+
+#[test]
+fn a_trial_that_would_exceed_the_budget_is_not_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles::new();
+    // 12 steps x 1e-3 h = 0.012 h per trial: two fit in 0.03 h, a third does not.
+    let s = spec(
+        dir.path(),
+        json!({"max_trials": 5, "budget_gpu_hours": 0.03}),
+    );
+    let out = run(&d, &input(s));
+    let st = out.data;
+    assert_eq!(st.stop_reason, Some(StopReason::BudgetExhausted));
+    assert_eq!(st.trial_history.len(), 2);
+    assert!(st.stop_message.unwrap().contains("trial 3 would need"));
+    let real_trainings = d
+        .calls_to(names::TRAINING)
+        .iter()
+        .filter(|c| c["dry_run"] == false)
+        .count();
+    assert_eq!(real_trainings, 2);
+    assert!(st.budget.gpu_hours_used <= 0.03);
+}
+
+#[test]
+fn a_dollar_budget_gates_with_the_cost_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles::new();
+    // $100 per device-hour: $1.20 per trial; $3 allows two.
+    let s = spec(
+        dir.path(),
+        json!({"max_trials": 5, "protocol": {"budget_dollars": 3.0, "cost_per_device_hour": {"cpu": 100.0}}}),
+    );
+    let st = run(&d, &input(s)).data;
+    assert_eq!(st.stop_reason, Some(StopReason::BudgetExhausted));
+    assert_eq!(st.trial_history.len(), 2);
+    assert!((st.budget.dollars_used.unwrap() - 2.4).abs() < 1e-9);
+    assert!((st.trial_history[0].dollars.unwrap() - 1.2).abs() < 1e-9);
+    // A cost table without the device is a clear error.
+    let s = spec(
+        dir.path(),
+        json!({"protocol": {"budget_dollars": 3.0, "cost_per_device_hour": {"a100": 2.0, "h100": 4.0}}}),
+    );
+    let err = run_with(&d, &input(s), None).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidInput);
+    assert!(err.hint.unwrap().contains("cpu"));
+}
+
+#[test]
+fn an_exhausted_search_space_stops_the_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles {
+        lr_grid: vec![2e-4, 1e-4],
+        ..Doubles::new()
+    };
+    let s = spec(
+        dir.path(),
+        json!({"max_trials": 5, "search_space": {"rank_choices": [16]}}),
+    );
+    let st = run(&d, &input(s)).data;
+    assert_eq!(st.stop_reason, Some(StopReason::SearchExhausted));
+    assert_eq!(st.trial_history.len(), 2);
+}
+
+#[test]
+fn a_dry_run_plans_and_forecasts_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles::new();
+    let mut inp = input(spec(
+        dir.path(),
+        json!({"max_trials": 4, "budget_gpu_hours": 0.03}),
+    ));
+    inp.dry_run = true;
+    let out = run(&d, &inp);
+    let st = out.data;
+    assert_eq!(st.stop_reason, Some(StopReason::DryRun));
+    assert_eq!(st.trial_history.len(), 4);
+    assert!(
+        st.trial_history
+            .iter()
+            .all(|t| t.record.status == "planned")
+    );
+    assert!((st.budget.gpu_hours_forecast - 0.048).abs() < 1e-9);
+    assert!(
+        st.stop_message
+            .unwrap()
+            .contains("the budget runs out at trial 3")
+    );
+    assert!(out.output_text.contains("over budget"));
+    assert!(
+        !dir.path().join("runs").exists(),
+        "a dry run writes nothing"
+    );
+    assert!(
+        d.calls_to(names::TRAINING)
+            .iter()
+            .all(|c| c["dry_run"] == true)
+    );
+    // Four different configurations were planned.
+    let configs: std::collections::BTreeSet<String> = st
+        .trial_history
+        .iter()
+        .map(|t| {
+            format!(
+                "{} {}",
+                t.record.config.learning_rate, t.record.config.lora_rank
+            )
+        })
+        .collect();
+    assert_eq!(configs.len(), 4);
+}
+
+#[test]
+fn preflight_errors_stop_before_any_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles {
+        preflight_errors: vec!["E_GGUF_BASE: a GGUF base cannot be trained".into()],
+        ..Doubles::new()
+    };
+    let err = run_with(&d, &input(spec(dir.path(), json!({}))), None).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidInput);
+    assert!(err.message.contains("E_GGUF_BASE"), "{err}");
+    assert!(d.calls_to(names::TRAINING).is_empty());
+    let d = Doubles {
+        fits: false,
+        ..Doubles::new()
+    };
+    let err = run_with(
+        &d,
+        &input(spec(dir.path(), json!({"experiment_name": "b"}))),
+        None,
+    )
+    .unwrap_err();
+    assert!(err.message.contains("needs about 99.0 GB"), "{err}");
+    assert_eq!(
+        err.field.as_deref(),
+        Some("experiment.resources.vram_limit_gb")
+    );
+    assert!(
+        d.calls_to(names::TRAINING)
+            .iter()
+            .all(|c| c["dry_run"] == true)
+    );
+}
+
+#[test]
+fn an_invalid_spec_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = run_with(
+        &Doubles::new(),
+        &input(spec(dir.path(), json!({"max_trials": 0}))),
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(err.field.as_deref(), Some("experiment.max_trials"));
+}
+
+#[test]
+fn resume_after_a_crash_at_every_journal_point_reaches_the_same_result() {
+    let base = fast_tempdir();
+    let small = || Doubles {
+        steps: 4,
+        save_every: 2,
+        ..Doubles::new()
+    };
+    let reference = {
+        let d = small();
+        let s = spec(base.path(), json!({}));
+        let out = run(&d, &input(s));
+        essence(&out.data)
+    };
+    let events = {
+        let dir = base.path().join("runs/t");
+        let text = std::fs::read_to_string(Journal::path_in(&dir)).unwrap();
+        crate::journal::parse(&dir, &text).unwrap().events.len() as u64
+    };
+    assert!(events > 20, "{events} events");
+    for k in 2..=events {
+        let dir = fast_tempdir();
+        let d = small();
+        let mut inp = input(spec(dir.path(), json!({})));
+        let err = run_with(
+            &d,
+            &inp,
+            Some(Fault {
+                at_seq: k,
+                kind: FaultKind::Crash,
+            }),
+        )
+        .unwrap_err();
+        assert!(err.message.contains("simulated crash"), "{err}");
+        let trained_before = finished_trainings(&d);
+        inp.resume = true;
+        let d2 = small();
+        let out = run(&d2, &inp);
+        assert_eq!(
+            essence(&out.data),
+            reference,
+            "crash before journal event {k}"
+        );
+        // Finished trials are not trained again: at most the interrupted one.
+        let again = finished_trainings(&d2);
+        assert!(
+            again + trained_before <= 3 + 1,
+            "event {k}: {trained_before} + {again}"
+        );
+    }
+}
+
+fn finished_trainings(d: &Doubles) -> usize {
+    d.calls_to(names::TRAINING)
+        .iter()
+        .filter(|c| c["dry_run"] == false)
+        .count()
+}
+
+#[test]
+fn an_interrupted_trial_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = {
+        let other = tempfile::tempdir().unwrap();
+        essence(&run(&Doubles::new(), &input(spec(other.path(), json!({})))).data)
+    };
+    let d = Doubles {
+        crash_training: Some((2, 7)),
+        ..Doubles::new()
+    };
+    let mut inp = input(spec(dir.path(), json!({})));
+    let err = run_with(&d, &inp, None).unwrap_err();
+    assert!(err.message.contains("simulated crash in trial 2 at step 7"));
+    inp.resume = true;
+    let out = run(&d, &inp);
+    assert_eq!(essence(&out.data), reference);
+    let calls: Vec<_> = d
+        .calls_to(names::TRAINING)
+        .into_iter()
+        .filter(|c| c["dry_run"] == false)
+        .collect();
+    // trial 1, trial 2 (crashed), trial 2 resumed from checkpoint-4, trial 3.
+    assert_eq!(calls.len(), 4);
+    assert!(
+        calls[2]["resume_from"]
+            .as_str()
+            .unwrap()
+            .ends_with("trial_002/checkpoint-4")
+    );
+    assert_eq!(out.data.trial_history[1].resumed, 1);
+    assert!(out.output_text.contains("resuming from"));
+    // The loss curve has each step once.
+    let metrics =
+        std::fs::read_to_string(dir.path().join("runs/t/trials/trial_002/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 12);
+}
+
+#[test]
+fn a_crash_while_storing_and_while_merging_resume_cleanly() {
+    let reference = {
+        let other = tempfile::tempdir().unwrap();
+        essence(&run(&Doubles::new(), &input(spec(other.path(), json!({})))).data)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles {
+        crash_artifact: Some(2),
+        crash_merge: true,
+        ..Doubles::new()
+    };
+    let mut inp = input(spec(dir.path(), json!({})));
+    let err = run_with(&d, &inp, None).unwrap_err();
+    assert!(err.message.contains("while storing trial 2"), "{err}");
+    inp.resume = true;
+    let err = run_with(&d, &inp, None).unwrap_err();
+    assert!(err.message.contains("during the merge"), "{err}");
+    let out = run(&d, &inp);
+    assert_eq!(essence(&out.data), reference);
+    // The interrupted store was re-done idempotently (same version), the partial merge replaced.
+    assert_eq!(d.calls_to(names::ARTIFACT).len(), 4);
+    let merged = out.data.merged_path.unwrap();
+    let body = std::fs::read_to_string(Path::new(&merged).join("model.safetensors")).unwrap();
+    assert!(body.contains("fake_eval_loss"));
+    assert!(!Path::new(&merged).join("model-00001.safetensors").exists());
+}
+
+#[test]
+fn cancel_stops_gracefully_and_resume_finishes() {
+    let reference = {
+        let other = tempfile::tempdir().unwrap();
+        essence(&run(&Doubles::new(), &input(spec(other.path(), json!({})))).data)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles::new();
+    d.cancel_during_training();
+    let mut inp = input(spec(dir.path(), json!({})));
+    let out = run(&d, &inp);
+    assert_eq!(out.data.stop_reason, Some(StopReason::Cancelled));
+    assert!(!out.data.finished);
+    assert!(out.data.stop_message.unwrap().contains("--resume"));
+    assert!(dir.path().join("runs/t/report.md").is_file());
+    inp.resume = true;
+    let out = run(&Doubles::new(), &inp);
+    assert_eq!(essence(&out.data), reference);
+}
+
+#[test]
+fn a_finished_experiment_resumes_to_the_same_state_without_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inp = input(spec(dir.path(), json!({})));
+    let first = run(&Doubles::new(), &inp);
+    inp.resume = true;
+    let d = Doubles::new();
+    let again = run(&d, &inp);
+    assert_eq!(essence(&again.data), essence(&first.data));
+    assert!(d.calls.lock().unwrap().is_empty());
+}
+
+#[test]
+fn journals_that_are_damaged_foreign_or_unasked_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inp = input(spec(dir.path(), json!({})));
+    run(&Doubles::new(), &inp);
+    // Without --resume.
+    let err = run_with(&Doubles::new(), &inp, None).unwrap_err();
+    assert!(err.hint.as_ref().unwrap().contains("--resume"), "{err}");
+    // Another spec in the same folder.
+    inp.resume = true;
+    let mut other = inp.clone();
+    other.experiment.max_trials = 7;
+    let err = run_with(&Doubles::new(), &other, None).unwrap_err();
+    assert!(
+        err.message.contains("another experiment") && err.message.contains("max_trials"),
+        "{err}"
+    );
+    // A damaged journal.
+    let jp = dir.path().join("runs/t/journal.json");
+    let text = std::fs::read_to_string(&jp).unwrap();
+    std::fs::write(
+        &jp,
+        text.replacen("\"event\": \"planned\"", "\"event\": \"plannned\"", 1),
+    )
+    .unwrap();
+    let err = run_with(&Doubles::new(), &inp, None).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidInput);
+    assert!(err.message.contains("damaged"), "{err}");
+    assert!(err.file.as_ref().unwrap().ends_with("journal.json"));
+    std::fs::write(&jp, "{\"hello\": 1}").unwrap();
+    let err = run_with(&Doubles::new(), &inp, None).unwrap_err();
+    assert!(
+        err.message
+            .contains("not a lora-trainer experiment journal"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_full_disk_is_reported_cleanly_and_resumable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inp = input(spec(dir.path(), json!({})));
+    let err = run_with(
+        &Doubles::new(),
+        &inp,
+        Some(Fault {
+            at_seq: 9,
+            kind: FaultKind::DiskFull,
+        }),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Io);
+    assert!(err.hint.as_ref().unwrap().contains("disk is full"), "{err}");
+    assert!(err.file.as_ref().unwrap().ends_with("journal.json"));
+    inp.resume = true;
+    let out = run(&Doubles::new(), &inp);
+    assert!(out.data.finished);
+}
+
+#[test]
+fn a_missing_dataset_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec(dir.path(), json!({}));
+    s.dataset_path = dir.path().join("nope.jsonl").display().to_string();
+    let err = run_with(&Doubles::new(), &input(s), None).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound);
+    assert!(err.to_string().contains("nope.jsonl"), "{err}");
+}
