@@ -1,3 +1,26 @@
-//! MergeSkill: streaming merge and exports (safetensors, GGUF, PyTorch .bin).
+//! MergeSkill: streaming LoRA merge and exports (safetensors, GGUF, PyTorch `.bin`).
 //!
-//! Filled by its own issue; see docs/ARCHITECTURE.md.
+//! - [`adapter`]: PEFT adapters on disk resolved into per-weight LoRA modules.
+//! - [`merge`]: `W' = W + scale·B·A` streamed tensor by tensor from memory-mapped safetensors.
+//! - [`hf`]: Hugging Face folders out (sharded safetensors or `.bin`, config, tokenizer, template).
+//! - [`torch_bin`]: `torch.save`-compatible zip + pickle state dicts.
+//!
+//! Format writers are pure Rust (no libtorch), so they test fast.
+
+pub mod adapter;
+pub mod dtype;
+pub mod error;
+pub mod export;
+pub mod gemm;
+pub mod gguf;
+pub mod hf;
+pub mod merge;
+pub mod st;
+pub mod torch_bin;
+
+pub use adapter::{Adapter, AdapterConfig, LoraModule};
+pub use dtype::DType;
+pub use error::{MergeError, Result};
+pub use export::{ExportKind, ExportRequest, ExportSummary, export, preflight};
+pub use merge::MergedModel;
+pub use st::{SafetensorsSet, TensorSpec};

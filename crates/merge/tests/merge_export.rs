@@ -1,0 +1,217 @@
+//! Merge parity with PEFT and the HF / `.bin` exports, verified by the tools that
+//! read them (PEFT merge_and_unload, transformers, torch.load).
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+mod common;
+
+use common::*;
+use lora_merge::export::{ExportKind, ExportRequest, export};
+use lora_merge::{DType, SafetensorsSet};
+use std::path::Path;
+
+fn run(req: &ExportRequest) -> lora_merge::ExportSummary {
+    let mut n = 0;
+    let s = export(req, &mut |done, total, _| {
+        assert!(done <= total);
+        n += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert!(n > 0);
+    s
+}
+
+/// Our merged tensors against PEFT's merge_and_unload (both fp32).
+fn assert_matches_peft(ours: &Path, adapter: &Path, tol: f32) {
+    let a = SafetensorsSet::open_model_dir(ours).unwrap();
+    let b = SafetensorsSet::open_model_dir(&adapter.join("peft_merged")).unwrap();
+    let mut worst = 0f32;
+    for e in b.entries() {
+        let (x, shape) = a
+            .f32_named(&e.name)
+            .unwrap_or_else(|_| panic!("missing {}", e.name));
+        assert_eq!(shape, e.shape, "{}", e.name);
+        let d = max_abs(&x, &b.f32(e));
+        worst = worst.max(d);
+        assert!(d <= tol, "{}: max |ours - peft| = {d}", e.name);
+    }
+    assert!(a.entries().len() >= b.entries().len());
+    eprintln!(
+        "{}: max |ours - PEFT merge_and_unload| = {worst:e}",
+        adapter.display()
+    );
+}
+
+#[test]
+#[allow(clippy::print_stderr)]
+fn streaming_merge_matches_peft_merge_and_unload() {
+    let Some(s) = require_python("streaming_merge_matches_peft_merge_and_unload") else {
+        return;
+    };
+    let out = scratch();
+    for name in ["a_plain", "a_rs", "a_dora", "a_embed"] {
+        let dst = out.join(name);
+        let mut req = ExportRequest::new(
+            s.join("llama"),
+            Some(s.join(name)),
+            &dst,
+            ExportKind::Safetensors,
+        );
+        req.max_shard_bytes = 2_000_000; // forces sharding + index
+        let sum = run(&req);
+        assert!(sum.adapted_tensors > 0);
+        assert!(
+            dst.join("model.safetensors.index.json").is_file(),
+            "sharded output has an index"
+        );
+        for f in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        ] {
+            assert!(dst.join(f).is_file(), "{name}: {f} copied");
+        }
+        assert_matches_peft(&dst, &s.join(name), 2e-5);
+    }
+    // Qwen2 (bf16 base, tied embeddings, q/k/v biases) merged in f32.
+    let dst = out.join("q_plain");
+    let mut req = ExportRequest::new(
+        s.join("qwen"),
+        Some(s.join("q_plain")),
+        &dst,
+        ExportKind::Safetensors,
+    );
+    req.dtype = Some(DType::F32);
+    run(&req);
+    assert_matches_peft(&dst, &s.join("q_plain"), 2e-5);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dst.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "float32");
+
+    // The merged model's logits (transformers) against base + adapter (PEFT, unmerged).
+    let ids = out.join("ids.json");
+    std::fs::write(&ids, prompts(&s.join("a_rs")).to_string()).unwrap();
+    let got = out.join("merged_logits.json");
+    py(&[
+        "logits",
+        out.join("a_rs").to_str().unwrap(),
+        ids.to_str().unwrap(),
+        got.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&got).unwrap()).unwrap();
+    let d = max_abs(
+        &flat(&v["logits"]),
+        &fixture_logits(&s.join("a_rs"), "logits"),
+    );
+    eprintln!("merged (ours, transformers) vs base+adapter (PEFT) logits: max |Δ| = {d:e}");
+    assert!(d <= 1e-4, "max |Δlogit| {d}");
+    // Refuses to overwrite.
+    assert!(export(&req, &mut |_, _, _| Ok(())).is_err());
+}
+
+#[test]
+fn adapter_on_the_wrong_base_is_refused_with_a_hint() {
+    let Some(s) = require_python("adapter_on_the_wrong_base_is_refused_with_a_hint") else {
+        return;
+    };
+    // An adapter for a deeper model: layer 9 does not exist in the 2-layer base.
+    let ad = scratch().join("deep");
+    std::fs::create_dir_all(&ad).unwrap();
+    std::fs::write(
+        ad.join("adapter_config.json"),
+        r#"{"peft_type":"LORA","r":2,"lora_alpha":4}"#,
+    )
+    .unwrap();
+    let p = "base_model.model.model.layers.9.self_attn.q_proj";
+    let specs = [
+        lora_merge::TensorSpec {
+            name: format!("{p}.lora_A.weight"),
+            dtype: DType::F32,
+            shape: vec![2, 256],
+        },
+        lora_merge::TensorSpec {
+            name: format!("{p}.lora_B.weight"),
+            dtype: DType::F32,
+            shape: vec![256, 2],
+        },
+    ];
+    lora_merge::st::write_sharded(&ad, &specs, 1 << 30, &mut |i| {
+        Ok(vec![0u8; specs[i].nbytes() as usize])
+    })
+    .unwrap();
+    std::fs::rename(
+        ad.join("model.safetensors"),
+        ad.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let req = ExportRequest::new(
+        s.join("llama"),
+        Some(ad),
+        scratch().join("x"),
+        ExportKind::Safetensors,
+    );
+    let err = export(&req, &mut |_, _, _| Ok(())).unwrap_err();
+    let skill: lora_skill::SkillError = err.into();
+    assert_eq!(skill.kind, lora_skill::ErrorKind::Unsupported, "{skill:?}");
+    assert!(skill.message.contains("layers.9"), "{skill:?}");
+    assert!(skill.hint.unwrap().contains("different base model"));
+}
+
+#[test]
+#[allow(clippy::print_stderr)]
+fn pytorch_bin_loads_with_torch_load_weights_only() {
+    let Some(s) = require_python("pytorch_bin_loads_with_torch_load_weights_only") else {
+        return;
+    };
+    let out = scratch();
+    for (dt, shard) in [(DType::BF16, 1_000_000u64), (DType::F32, 1u64 << 40)] {
+        let tag = format!("{dt:?}");
+        let bin = out.join(format!("bin-{tag}"));
+        let st = out.join(format!("st-{tag}"));
+        for (dir, kind) in [
+            (&bin, ExportKind::PytorchBin),
+            (&st, ExportKind::Safetensors),
+        ] {
+            let mut req = ExportRequest::new(s.join("llama"), Some(s.join("a_plain")), dir, kind);
+            req.dtype = Some(dt);
+            req.max_shard_bytes = shard;
+            run(&req);
+        }
+        let ours = SafetensorsSet::open_model_dir(&st).unwrap();
+        let mut files: Vec<_> = std::fs::read_dir(&bin)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+            .collect();
+        files.sort();
+        assert_eq!(files.len() > 1, shard < 1 << 30, "{files:?}");
+        if files.len() > 1 {
+            assert!(bin.join("pytorch_model.bin.index.json").is_file());
+        } else {
+            assert_eq!(files[0].file_name().unwrap(), "pytorch_model.bin");
+        }
+        let mut seen = 0;
+        for f in &files {
+            let back = out.join(format!("back-{tag}-{seen}.safetensors"));
+            let info = py(&["torch-load", f.to_str().unwrap(), back.to_str().unwrap()]);
+            assert_eq!(info["type"], "dict");
+            assert_eq!(info["mmap_equal"], true, "torch.load(mmap=True) agrees");
+            let loaded = SafetensorsSet::open_files(&[back]).unwrap();
+            for e in loaded.entries() {
+                let o = ours.get(&e.name).unwrap();
+                assert_eq!(e.dtype, dt);
+                assert_eq!(e.shape, o.shape);
+                assert_eq!(
+                    loaded.bytes(e),
+                    ours.bytes(o),
+                    "{}: bytes identical",
+                    e.name
+                );
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, ours.entries().len());
+        eprintln!("torch.load(weights_only=True) read {seen} {tag} tensors byte-identical");
+    }
+}
