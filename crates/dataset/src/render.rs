@@ -1106,3 +1106,286 @@ pub fn check_sample_rows(
     };
     Ok(check)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokens::test_support::write_word_tokenizer;
+
+    fn special(bos: Option<&str>, eos: &str) -> SpecialTokens {
+        SpecialTokens {
+            bos: bos.map(String::from),
+            eos: Some(eos.into()),
+            ..SpecialTokens::default()
+        }
+    }
+
+    fn conv() -> Vec<Message> {
+        vec![
+            Message::new("system", "Answer in SQL."),
+            Message::new("user", "how many offices"),
+            Message::new("assistant", "SELECT count(*) FROM offices"),
+            Message::new("user", "and employees"),
+            Message::new("assistant", "SELECT count(*) FROM employees"),
+        ]
+    }
+
+    #[test]
+    fn alpaca_spans_and_eos() {
+        let r = Renderer::alpaca(special(None, "</s>"));
+        let s = Sample::from_json(&serde_json::json!({"instruction": "list offices", "input": "", "output": "SELECT * FROM offices"})).unwrap();
+        let out = r.render(&s).unwrap();
+        assert!(
+            out.text
+                .starts_with("Below is an instruction that describes a task. Write")
+        );
+        assert!(
+            out.text
+                .ends_with("### Response:\nSELECT * FROM offices</s>")
+        );
+        let resp = out.response_span().unwrap();
+        assert_eq!(&out.text[resp.start..resp.end], "SELECT * FROM offices</s>");
+        assert_eq!(out.prompt_span.end, resp.start);
+        assert!(!out.eos_appended);
+        let s = Sample::from_json(
+            &serde_json::json!({"instruction": "i", "input": "ctx", "output": "o"}),
+        )
+        .unwrap();
+        assert!(
+            r.render(&s)
+                .unwrap()
+                .text
+                .contains("### Input:\nctx\n\n### Response:\no</s>")
+        );
+        let prompt = r.render_prompt(&s).unwrap();
+        assert!(prompt.ends_with("### Response:\n"));
+    }
+
+    #[test]
+    fn chatml_multi_turn_spans_mask_and_tokens() {
+        let r = Renderer::chatml(SpecialTokens::default()).unwrap();
+        let out = r.render(&Sample::Chat(conv())).unwrap();
+        assert_eq!(out.response_spans.len(), 2);
+        for (span, want) in out.response_spans.iter().zip([
+            "SELECT count(*) FROM offices<|im_end|>",
+            "SELECT count(*) FROM employees<|im_end|>",
+        ]) {
+            assert_eq!(&out.text[span.start..span.end], want);
+        }
+        assert!(
+            out.text.ends_with("<|im_end|>\n"),
+            "the template's newline stays (masked)"
+        );
+        assert!(
+            out.masked_view()
+                .contains("<|im_start|>assistant\n[[SELECT count(*) FROM offices<|im_end|>]]\n")
+        );
+        assert_eq!(
+            &out.text[..out.prompt_span.end],
+            "<|im_start|>system\nAnswer in SQL.<|im_end|>\n<|im_start|>user\nhow many offices<|im_end|>\n<|im_start|>assistant\n"
+        );
+
+        // Token level: the word tokenizer knows the special tokens.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokenizer.json");
+        write_word_tokenizer(
+            &f,
+            &[
+                "SELECT",
+                "count(*)",
+                "FROM",
+                "offices",
+                "employees",
+                "user",
+                "assistant",
+                "system",
+            ],
+            &["<|im_start|>", "<|im_end|>"],
+        );
+        let tok = Tokenizer::from_file(&f).unwrap();
+        let ids = r.stop_ids(&tok);
+        assert_eq!(ids, vec![tok.token_to_id("<|im_end|>").unwrap()]);
+        let t = out.tokenize(&tok, &ids).unwrap();
+        assert!(t.ends_with_unmasked_eos);
+        // "SELECT count(*) FROM offices <|im_end|>" twice = 2 * 5 trained tokens.
+        assert_eq!(t.trainable_tokens, 10);
+        let trained: Vec<u32> = t
+            .labels
+            .iter()
+            .filter(|l| **l != IGNORE_INDEX)
+            .map(|l| *l as u32)
+            .collect();
+        assert_eq!(
+            tok.decode(&trained[..5], false).unwrap(),
+            "SELECT count(*) FROM offices <|im_end|>"
+        );
+        // Only the last turn.
+        let mut r = r;
+        r.train_on = TrainOn::LastAssistantTurn;
+        assert_eq!(
+            r.render(&Sample::Chat(conv()))
+                .unwrap()
+                .response_spans
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn llama3_builtin_and_missing_eos_is_appended() {
+        let r = Renderer::llama3(SpecialTokens::default()).unwrap();
+        let out = r.render(&Sample::Chat(conv()[1..3].to_vec())).unwrap();
+        assert!(out.text.starts_with("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhow many offices<|eot_id|>"));
+        let s = out.response_span().unwrap();
+        assert_eq!(
+            &out.text[s.start..s.end],
+            "SELECT count(*) FROM offices<|eot_id|>"
+        );
+        assert!(!out.eos_appended);
+
+        // A template that never prints an end-of-turn token: the EOS is appended and flagged.
+        let bare = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}";
+        let r = Renderer::jinja("bare", bare, special(None, "</s>")).unwrap();
+        let out = r.render(&Sample::Chat(conv()[1..3].to_vec())).unwrap();
+        assert!(out.eos_appended);
+        assert_eq!(
+            out.text,
+            "user: how many offices\nassistant: SELECT count(*) FROM offices</s>\n"
+        );
+        let s = out.response_span().unwrap();
+        assert_eq!(
+            &out.text[s.start..s.end],
+            "SELECT count(*) FROM offices</s>"
+        );
+    }
+
+    #[test]
+    fn template_errors_are_clear() {
+        let e = Renderer::jinja("x", "{% for m in messages %}", special(None, "</s>")).unwrap_err();
+        assert!(e.to_string().contains("does not compile"), "{e}");
+        let strict = "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}{{ raise_exception('roles must be user/assistant') }}{% endif %}{{ m.content }}{% endfor %}";
+        let r = Renderer::jinja("strict", strict, special(None, "</s>")).unwrap();
+        let e = r.render(&Sample::Chat(conv())).unwrap_err();
+        assert!(
+            e.to_string().contains("roles must be user/assistant"),
+            "{e}"
+        );
+        let e = r
+            .render(&Sample::Chat(vec![Message::new("user", "hi")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("no assistant turn"), "{e}");
+        assert!(Sample::from_json(&serde_json::json!({"foo": 1})).is_err());
+    }
+
+    #[test]
+    fn generation_tags_are_rewritten() {
+        let src = "{%- for m in messages -%}{%- if m.role == 'assistant' -%}{% generation %}{{ m.content }}{% endgeneration %}{%- else -%}{{ m.content }}{%- endif -%}{%- endfor -%}";
+        let r = Renderer::jinja("gen", src, special(None, "</s>")).unwrap();
+        let out = r.apply_chat_template(&conv()[1..3], false).unwrap();
+        assert_eq!(out, "how many officesSELECT count(*) FROM offices");
+    }
+
+    /// SmolLM2's ChatML template (with its default system turn) and a Llama-3.1-style
+    /// template that uses namespace, tojson(indent), strip(), loop controls, is-tests,
+    /// raise_exception and whitespace control, rendered by transformers' apply_chat_template
+    /// and by us: the strings must be identical.
+    #[test]
+    fn chat_templates_match_transformers_apply_chat_template() {
+        let smol = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+        let fancy = r#"{{- bos_token }}
+{%- set ns = namespace(system='', n=0) %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set ns.system = messages[0]['content'] | trim %}
+    {%- set messages = messages[1:] %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- set meta = {"date": "26 Jul 2024", "tools": none, "n": messages | length} %}
+{{- "Meta: " + meta | tojson(indent=4) + "\n" }}
+{{- "Compact: " + {"a": [1, 2.5, "x"], "b": {"c": true}} | tojson + "\n" }}
+{{- ns.system + "<|eot_id|>" }}
+{%- for message in messages %}
+    {%- if message.role not in ['user', 'assistant'] %}
+        {{- raise_exception('Only user and assistant roles are supported!') }}
+    {%- endif %}
+    {%- if message.content is string and message.content.strip() == '' %}
+        {%- continue %}
+    {%- endif %}
+    {%- set ns.n = ns.n + 1 %}
+    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'].strip() + '<|eot_id|>' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let convs = vec![
+            conv(),
+            conv()[1..3].to_vec(),
+            vec![
+                Message::new("user", "  spaced  "),
+                Message::new("assistant", "ünïcode \"quoted\" <tag> & done"),
+                Message::new("user", "   "),
+                Message::new("assistant", "ok"),
+            ],
+        ];
+        for (name, src, bos, eos) in [
+            ("smollm2", smol, "<|im_start|>", "<|im_end|>"),
+            ("fancy", fancy, "<|begin_of_text|>", "<|eot_id|>"),
+        ] {
+            let model = dir.path().join(name);
+            std::fs::create_dir_all(&model).unwrap();
+            write_word_tokenizer(&model.join("tokenizer.json"), &["a"], &[bos, eos]);
+            let cfg = serde_json::json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": bos,
+                "eos_token": {"content": eos, "__type": "AddedToken"},
+                "chat_template": src,
+            });
+            std::fs::write(
+                model.join("tokenizer_config.json"),
+                serde_json::to_vec(&cfg).unwrap(),
+            )
+            .unwrap();
+            let convs_json = serde_json::to_string(&convs).unwrap();
+            let script = "import sys, json\nfrom transformers import AutoTokenizer\n\
+                tok = AutoTokenizer.from_pretrained(sys.argv[1])\n\
+                convs = json.loads(sys.argv[2])\n\
+                out = [[tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g) for g in (False, True)] for c in convs]\n\
+                print(json.dumps(out))\n";
+            let got = crate::tests::run_python(script, &[model.to_str().unwrap(), &convs_json]);
+            let want: Vec<Vec<String>> = serde_json::from_str(got.trim()).unwrap();
+            let r = Renderer::from_model_dir(&model).unwrap();
+            for (c, w) in convs.iter().zip(&want) {
+                // The fancy template drops the system turn and skips blank turns; both must agree.
+                assert_eq!(
+                    r.apply_chat_template(c, false).unwrap(),
+                    w[0],
+                    "{name}, no generation prompt"
+                );
+                assert_eq!(
+                    r.apply_chat_template(c, true).unwrap(),
+                    w[1],
+                    "{name}, generation prompt"
+                );
+            }
+            // Training spans from the model template end in its stop token.
+            let out = r.render(&Sample::Chat(convs[1].clone())).unwrap();
+            let s = out.response_span().unwrap();
+            assert!(
+                out.text[s.start..s.end].ends_with(eos),
+                "{name}: {}",
+                out.masked_view()
+            );
+            assert!(!out.eos_appended);
+        }
+        // raise_exception surfaces as an error in both.
+        let bad = vec![Message::new("tool", "x"), Message::new("assistant", "y")];
+        let r = Renderer::from_model_dir(&dir.path().join("fancy")).unwrap();
+        assert!(
+            r.apply_chat_template(&bad, false)
+                .unwrap_err()
+                .to_string()
+                .contains("Only user and assistant")
+        );
+    }
+}

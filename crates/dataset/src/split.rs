@@ -311,3 +311,106 @@ pub fn split_dataset(
 pub fn manifest_path(out_dir: &Path) -> PathBuf {
     out_dir.join("split_manifest.json")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(p: &Path) -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn split_is_seeded_deterministic_deduplicated_and_leak_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("d.jsonl");
+        let mut s = String::new();
+        for i in 0..1000 {
+            s.push_str(&format!("{{\"text\": \"row {}\"}}\n", i % 900)); // 100 duplicates
+        }
+        s.push_str("not json\n");
+        std::fs::write(&input, s).unwrap();
+
+        let mut o = SplitOptions::new(&input, dir.path().join("a"));
+        let a = split_dataset(&o, &mut |_, _| Ok(())).unwrap();
+        assert_eq!(a.duplicates_dropped, 100);
+        assert_eq!(a.invalid_rows_skipped, 1);
+        assert_eq!((a.train_rows, a.eval_rows), (810, 90));
+        let ta = lines(&dir.path().join("a/train.jsonl"));
+        let ea = lines(&dir.path().join("a/eval.jsonl"));
+        assert_eq!(ta.len(), 810);
+        // Original bytes are kept for JSON lines.
+        assert!(ta[0].starts_with("{\"text\": \"row "));
+        let manifest: SplitReport =
+            serde_json::from_slice(&std::fs::read(manifest_path(&dir.path().join("a"))).unwrap())
+                .unwrap();
+        assert_eq!(manifest, a);
+        use sha2::Digest;
+        assert_eq!(
+            hex::encode(Sha256::digest(
+                std::fs::read(dir.path().join("a/eval.jsonl")).unwrap()
+            )),
+            a.eval_sha256
+        );
+
+        // Same seed, same split; another seed, another split.
+        o.out_dir = dir.path().join("b");
+        let b = split_dataset(&o, &mut |_, _| Ok(())).unwrap();
+        assert_eq!(
+            (b.train_sha256.clone(), b.eval_sha256.clone()),
+            (a.train_sha256.clone(), a.eval_sha256.clone())
+        );
+        o.out_dir = dir.path().join("c");
+        o.seed = 7;
+        let c = split_dataset(&o, &mut |_, _| Ok(())).unwrap();
+        assert_ne!(c.eval_sha256, a.eval_sha256);
+
+        // Without dedup, copies of a row always land on the same side.
+        o.out_dir = dir.path().join("d");
+        o.dedup = false;
+        o.eval_size = Some(200);
+        let d = split_dataset(&o, &mut |_, _| Ok(())).unwrap();
+        assert_eq!(d.eval_rows, 200);
+        assert_eq!(d.train_rows, 800);
+        let train: std::collections::HashSet<String> = lines(&dir.path().join("d/train.jsonl"))
+            .into_iter()
+            .collect();
+        assert!(
+            lines(&dir.path().join("d/eval.jsonl"))
+                .iter()
+                .all(|l| !train.contains(l))
+        );
+        assert!(ea.iter().all(|l| !ta.contains(l)));
+    }
+
+    #[test]
+    fn csv_input_becomes_jsonl_and_bad_options_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("d.csv");
+        let mut s = String::from("prompt,completion\n");
+        for i in 0..20 {
+            s.push_str(&format!("\"p, {i}\",c{i}\n"));
+        }
+        std::fs::write(&input, s).unwrap();
+        let mut o = SplitOptions::new(&input, dir.path().join("out"));
+        o.eval_fraction = 0.25;
+        let r = split_dataset(&o, &mut |_, _| Ok(())).unwrap();
+        assert_eq!((r.train_rows, r.eval_rows), (15, 5));
+        let first: serde_json::Value =
+            serde_json::from_str(&lines(&dir.path().join("out/eval.jsonl"))[0]).unwrap();
+        assert!(first["prompt"].as_str().unwrap().starts_with("p, "));
+        o.eval_fraction = 1.5;
+        let e = split_dataset(&o, &mut |_, _| Ok(())).unwrap_err();
+        assert!(e.to_string().contains("eval_fraction"));
+        // Cancellation leaves no partial files behind.
+        o.eval_fraction = 0.1;
+        o.out_dir = dir.path().join("cancelled");
+        let e = split_dataset(&o, &mut |_, _| Err(DatasetError::Cancelled)).unwrap_err();
+        assert!(matches!(e, DatasetError::Cancelled));
+        assert!(!dir.path().join("cancelled/train.jsonl").exists());
+    }
+}

@@ -504,3 +504,58 @@ async fn skill_runs_through_the_registry_and_reports_progress() {
         .unwrap_err();
     assert_eq!(err.kind, lora_skill::ErrorKind::Cancelled);
 }
+
+#[tokio::test]
+async fn skill_render_check_reports_eos_and_masks() {
+    use lora_skill::Skill;
+    let dir = tempfile::tempdir().unwrap();
+    crate::tokens::test_support::write_word_tokenizer(
+        &dir.path().join("tokenizer.json"),
+        &["user", "assistant", "q", "a"],
+        &["<|im_start|>", "<|im_end|>"],
+    );
+    let p = dir.path().join("d.jsonl");
+    let mut s = String::new();
+    for i in 0..40 {
+        s.push_str(&format!(
+            "{{\"messages\":[{{\"role\":\"user\",\"content\":\"q {i}\"}},{{\"role\":\"assistant\",\"content\":\"a {i}\"}}]}}\n"
+        ));
+    }
+    s.push_str("{\"messages\":[{\"role\":\"user\",\"content\":\"q only\"}]}\n");
+    write(&p, s.as_bytes());
+    let mut input = DatasetAnalyzeInput::new("d.jsonl");
+    input.tokenizer_name = Some(dir.path().display().to_string());
+    input.template = Some(lora_spec::contracts::dataset::TemplateChoice::Chatml);
+    let ctx = SkillContext::new(dir.path());
+    let out = crate::DatasetSkill::default()
+        .run(input, &ctx)
+        .await
+        .unwrap();
+    let rc = out.data.render_check.unwrap();
+    assert_eq!(rc.template, "chatml");
+    assert!(rc.by_tokens);
+    assert_eq!(rc.rendered, 40);
+    assert_eq!(
+        rc.render_errors, 1,
+        "the row without an assistant turn: {:?}",
+        rc.examples
+    );
+    assert_eq!(rc.ends_with_unmasked_eos, 40);
+    assert_eq!(rc.zero_trainable, 0);
+    assert!(rc.trained_token_fraction > 0.1 && rc.trained_token_fraction < 0.9);
+    assert!(
+        rc.examples.iter().any(|e| e.contains("[[a")),
+        "{:?}",
+        rc.examples
+    );
+    assert_eq!(out.data.missing_targets, 1);
+
+    // The model's own template needs a tokenizer.
+    let mut input = DatasetAnalyzeInput::new("d.jsonl");
+    input.template = Some(lora_spec::contracts::dataset::TemplateChoice::Tokenizer);
+    let err = crate::DatasetSkill::default()
+        .run(input, &ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(err.field.as_deref(), Some("template"));
+}
