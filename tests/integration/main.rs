@@ -2,3 +2,4 @@
 //! tidy checks, one module per area.
 
 mod tidy;
+mod orchestrator;

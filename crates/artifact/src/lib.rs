@@ -26,7 +26,7 @@ pub use hash::{TreeDigest, hash_adapter_dir};
 pub use index::MIGRATIONS;
 pub use reference::{Selector, VersionRef};
 pub use skill::{ArtifactRegistrySkill, ArtifactSkill};
-pub use store::{ArtifactStore, ExperimentSummary, GcOptions, StorePhase};
+pub use store::{ArtifactStore, ExperimentSummary, GcOptions, StorePhase, StoredFile};
 
 /// Registers both artifact skills.
 pub fn register(reg: &mut lora_skill::SkillRegistry) {

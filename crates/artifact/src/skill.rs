@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use lora_skill::{Skill, SkillContext, SkillError, StepResult};
 use lora_spec::contracts::artifact::{
     ARTIFACT_REGISTRY, ArtifactRegistryInput, ArtifactRegistryOutput, ArtifactStoreInput,
-    ArtifactStoreOutput, DEFAULT_STORE_ROOT,
+    ArtifactStoreOutput, DEFAULT_EXPERIMENT, DEFAULT_STORE_ROOT, RegistryOp,
 };
 use lora_spec::contracts::names;
 
@@ -116,50 +116,60 @@ impl Skill for ArtifactRegistrySkill {
     }
 }
 
+fn required<'a>(
+    value: &'a Option<String>,
+    field: &str,
+    op: &str,
+    example: &str,
+) -> Result<&'a str, SkillError> {
+    value
+        .as_deref()
+        .filter(|v| !v.trim().is_empty())
+        .ok_or_else(|| {
+            SkillError::invalid_input(format!("is required by op `{op}`"))
+                .with_field(field)
+                .with_hint(format!("for example \"{field}\": \"{example}\""))
+        })
+}
+
 fn run_registry(
     input: ArtifactRegistryInput,
     ctx: &SkillContext,
 ) -> Result<StepResult<ArtifactRegistryOutput>, SkillError> {
-    use ArtifactRegistryInput as I;
     use ArtifactRegistryOutput as O;
-    let open =
-        |root: &Option<String>| ArtifactStore::open_existing(store_root(ctx, root.as_deref()));
-    let (out, text) = match input {
-        I::List {
-            store_root,
-            experiment_id,
-        } => {
-            let versions = open(&store_root)?.list(experiment_id.as_deref())?;
+    let open = || ArtifactStore::open_existing(store_root(ctx, input.store_root.as_deref()));
+    let exp = input
+        .experiment_id
+        .clone()
+        .unwrap_or_else(|| DEFAULT_EXPERIMENT.to_string());
+    let (out, text) = match input.op {
+        RegistryOp::List | RegistryOp::Filter => {
+            let versions = open()?.filter(&input.filter())?;
             let t = format!("{} versions", versions.len());
-            (O::List { versions }, t)
+            if input.op == RegistryOp::List {
+                (O::List { versions }, t)
+            } else {
+                (O::Filter { versions }, t)
+            }
         }
-        I::Get {
-            store_root,
-            experiment_id,
-            reference,
-        } => {
-            let version = open(&store_root)?.get(&reference, &experiment_id)?;
+        RegistryOp::Get => {
+            let reference = required(&input.reference, "reference", "get", "latest")?;
+            let version = open()?.get(reference, &exp)?;
             let t = format!(
                 "{}/{} at {}",
                 version.experiment_id, version.version, version.stored_path
             );
             (O::Get { version }, t)
         }
-        I::Best {
-            store_root,
-            experiment_id,
-            metric,
-            goal,
-            tags,
-        } => {
-            let (version, candidates) =
-                open(&store_root)?.best(experiment_id.as_deref(), &metric, goal, &tags)?;
+        RegistryOp::Best => {
+            let metric = required(&input.metric, "metric", "best", "eval_loss")?;
+            let (version, candidates) = open()?.best_of(&input.filter(), metric, input.goal)?;
             let t = match &version {
                 Some(v) => format!(
                     "best {metric}: {}/{} ({}) of {candidates} candidates",
                     v.experiment_id,
                     v.version,
-                    v.metrics.get(&metric).copied().unwrap_or(f64::NAN)
+                    v.metrics.get(metric).copied().unwrap_or(f64::NAN)
                 ),
                 None => format!("no version has metric {metric}"),
             };
@@ -171,29 +181,17 @@ fn run_registry(
                 t,
             )
         }
-        I::Filter { store_root, filter } => {
-            let versions = open(&store_root)?.filter(&filter)?;
-            let t = format!("{} matching versions", versions.len());
-            (O::Filter { versions }, t)
-        }
-        I::Delete {
-            store_root,
-            experiment_id,
-            reference,
-        } => {
-            let deleted = open(&store_root)?.delete(&reference, &experiment_id)?;
+        RegistryOp::Delete => {
+            let reference = required(&input.reference, "reference", "delete", "v3")?;
+            let deleted = open()?.delete(reference, &exp)?;
             let t = format!(
                 "deleted {}/{} from the index; run gc to free its files",
                 deleted.experiment_id, deleted.version
             );
             (O::Delete { deleted }, t)
         }
-        I::Gc {
-            store_root,
-            dry_run,
-            wait_seconds,
-        } => {
-            let wait = match wait_seconds {
+        RegistryOp::Gc => {
+            let wait = match input.wait_seconds {
                 None => Duration::from_secs(60),
                 Some(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s.min(86_400.0)),
                 Some(s) => {
@@ -203,7 +201,8 @@ fn run_registry(
                     .with_field("wait_seconds"));
                 }
             };
-            let report = open(&store_root)?.gc(GcOptions { dry_run, wait }, ctx)?;
+            let dry_run = input.dry_run;
+            let report = open()?.gc(GcOptions { dry_run, wait }, ctx)?;
             let t = format!(
                 "{}{} adapters, {} blobs, {} temporary files, {} bytes",
                 if dry_run { "would remove " } else { "removed " },
@@ -214,12 +213,8 @@ fn run_registry(
             );
             (O::Gc { report }, t)
         }
-        I::Verify {
-            store_root,
-            reference,
-            experiment_id,
-        } => {
-            let report = open(&store_root)?.verify(reference.as_deref(), &experiment_id, ctx)?;
+        RegistryOp::Verify => {
+            let report = open()?.verify(input.reference.as_deref(), &exp, ctx)?;
             let t = if report.ok {
                 format!(
                     "ok: {} versions, {} blobs, {} bytes hashed",
@@ -232,4 +227,138 @@ fn run_registry(
         }
     };
     Ok(StepResult::new(out).with_text(text))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+mod tests {
+    use super::*;
+    use lora_skill::{ErrorKind, MemorySink, SkillRegistry};
+    use serde_json::json;
+    use std::fs;
+
+    fn registry() -> SkillRegistry {
+        let mut reg = SkillRegistry::new();
+        crate::register(&mut reg);
+        reg
+    }
+
+    #[tokio::test]
+    async fn seed_input_stores_through_the_registry_and_queries_work() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("outputs/trial_1/adapter");
+        fs::create_dir_all(&a).unwrap();
+        fs::write(a.join("adapter_config.json"), b"{}").unwrap();
+        fs::write(a.join("adapter_model.safetensors"), vec![7u8; 1000]).unwrap();
+        let sink = MemorySink::new();
+        let ctx = SkillContext::new(tmp.path()).with_sink(sink.clone());
+        let reg = registry();
+        // Seed 001 §7's example input, verbatim.
+        let out = reg
+            .call_json(
+                names::ARTIFACT,
+                json!({
+                    "adapter_path": "outputs/trial_1/adapter",
+                    "trial_id": 1,
+                    "metrics": {"eval_loss": 0.42},
+                    "tags": ["lora", "instruction"]
+                }),
+                &ctx,
+            )
+            .await
+            .unwrap();
+        assert_eq!(out.data["version"], "v1");
+        assert_eq!(out.data["adapter_hash"].as_str().unwrap().len(), 64);
+        let stored = out.data["stored_path"].as_str().unwrap();
+        assert!(stored.starts_with(tmp.path().join("artifacts").to_str().unwrap()));
+        assert_eq!(out.artifacts, [stored.to_string()]);
+        assert!(!sink.events().is_empty());
+
+        let best = reg
+            .call_json(
+                ARTIFACT_REGISTRY,
+                json!({"op": "best", "metric": "eval_loss"}),
+                &ctx,
+            )
+            .await
+            .unwrap();
+        assert_eq!(best.data["op"], "best");
+        assert_eq!(best.data["version"]["version"], "v1");
+        assert_eq!(best.data["version"]["tags"], json!(["instruction", "lora"]));
+        let verify = reg
+            .call_json(ARTIFACT_REGISTRY, json!({"op": "verify"}), &ctx)
+            .await
+            .unwrap();
+        assert_eq!(verify.data["report"]["ok"], true);
+        let listed = reg
+            .call_json(
+                ARTIFACT_REGISTRY,
+                json!({"op": "filter", "tags": ["nope"]}),
+                &ctx,
+            )
+            .await
+            .unwrap();
+        assert_eq!(listed.data["versions"], json!([]));
+        let deleted = reg
+            .call_json(
+                ARTIFACT_REGISTRY,
+                json!({"op": "delete", "reference": "latest"}),
+                &ctx,
+            )
+            .await
+            .unwrap();
+        assert_eq!(deleted.data["deleted"]["version"], "v1");
+        let gc = reg
+            .call_json(ARTIFACT_REGISTRY, json!({"op": "gc"}), &ctx)
+            .await
+            .unwrap();
+        assert_eq!(gc.data["report"]["blobs_removed"], 2);
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_field_and_the_kind() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ctx = SkillContext::new(tmp.path());
+        let reg = registry();
+        let e = reg
+            .call_json(
+                names::ARTIFACT,
+                json!({"adapter_path": "nope", "trial_id": 1}),
+                &ctx,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert!(e.to_string().contains("nope"), "{e}");
+        let e = reg
+            .call_json(
+                ARTIFACT_REGISTRY,
+                json!({"op": "list", "store_root": "elsewhere"}),
+                &ctx,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        assert_eq!(e.field.as_deref(), Some("store_root"));
+        let e = reg
+            .call_json(
+                ARTIFACT_REGISTRY,
+                json!({"op": "gc", "wait_seconds": -1.0}),
+                &ctx,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("wait_seconds"));
+        let e = reg
+            .call_json(ARTIFACT_REGISTRY, json!({"op": "compact"}), &ctx)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        let e = reg
+            .call_json(ARTIFACT_REGISTRY, json!({"op": "best"}), &ctx)
+            .await
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("metric"));
+        assert!(e.hint.unwrap().contains("eval_loss"));
+    }
 }

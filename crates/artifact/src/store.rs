@@ -110,6 +110,21 @@ pub struct ExperimentSummary {
     pub created_at: String,
 }
 
+/// One file of a stored adapter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredFile {
+    /// Path relative to the adapter folder.
+    pub path: String,
+    /// SHA-256 of its bytes.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The file in the stored adapter folder.
+    pub stored_path: String,
+    /// Its blob.
+    pub blob_path: String,
+}
+
 /// The artifact store rooted at one folder.
 #[derive(Debug)]
 pub struct ArtifactStore {
@@ -732,6 +747,41 @@ impl ArtifactStore {
         Ok((exp, n))
     }
 
+    /// The files of a stored adapter (sorted by path), with where each one lives.
+    pub fn adapter_files(&self, adapter_hash: &str) -> Result<Vec<StoredFile>> {
+        let layout = Layout(&self.root);
+        let dir = layout.adapter(adapter_hash);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT path, blob_hash, size FROM adapter_files WHERE adapter_hash = ?1 ORDER BY path",
+            )
+            .map_err(|e| self.db_err(e))?;
+        let rows = stmt
+            .query_map([adapter_hash], |r| {
+                let size: i64 = r.get(2)?;
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, size))
+            })
+            .and_then(|it| it.collect::<rusqlite::Result<Vec<_>>>())
+            .map_err(|e| self.db_err(e))?;
+        if rows.is_empty() {
+            return Err(ArtifactError::NotFound {
+                what: format!("no stored adapter {adapter_hash}"),
+                hint: "see `lora-trainer artifacts list`".into(),
+            });
+        }
+        Ok(rows
+            .into_iter()
+            .map(|(path, sha256, size)| StoredFile {
+                stored_path: rel_join(&dir, &path).display().to_string(),
+                blob_path: layout.blob(&sha256).display().to_string(),
+                path,
+                sha256,
+                size: u64::try_from(size).unwrap_or(0),
+            })
+            .collect())
+    }
+
     /// One version by reference; a bare reference is looked up in `default_experiment`.
     pub fn get(&self, reference: &str, default_experiment: &str) -> Result<ArtifactVersion> {
         let (exp, n) = self.resolve(reference, default_experiment)?;
@@ -753,9 +803,19 @@ impl ArtifactStore {
             tags: tags.to_vec(),
             ..VersionFilter::default()
         };
+        self.best_of(&filter, metric, goal)
+    }
+
+    /// Like [`best`](Self::best), among the versions meeting `filter`.
+    pub fn best_of(
+        &self,
+        filter: &VersionFilter,
+        metric: &str,
+        goal: MetricGoal,
+    ) -> Result<(Option<ArtifactVersion>, u64)> {
         let mut best: Option<ArtifactVersion> = None;
         let mut n = 0u64;
-        for v in self.filter(&filter)? {
+        for v in self.filter(filter)? {
             let Some(&x) = v.metrics.get(metric) else {
                 continue;
             };
@@ -994,6 +1054,16 @@ impl ArtifactStore {
             }
         }
         let total: u64 = files_of.values().flatten().map(|f| f.2).sum();
+        // Every version a blob serves (a blob can be shared by several adapters).
+        let mut blob_users: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (adapter, files) in &files_of {
+            for (_, sha, _) in files {
+                let users = blob_users.entry(sha.as_str()).or_default();
+                for l in by_adapter.get(adapter).into_iter().flatten() {
+                    users.insert(l.as_str());
+                }
+            }
+        }
         let mut report = VerifyReport {
             versions_checked: versions.len() as u64,
             adapters_checked: by_adapter.len() as u64,
@@ -1038,6 +1108,10 @@ impl ArtifactStore {
                     .map_err(|_| ArtifactError::Cancelled)?;
                 let blob = layout.blob(sha);
                 if !blob_state.contains_key(sha) {
+                    let users: Vec<String> = blob_users
+                        .get(sha.as_str())
+                        .map(|u| u.iter().map(|l| l.to_string()).collect())
+                        .unwrap_or_default();
                     let actual = match hash::hash_file(&blob) {
                         Ok((h, n)) => {
                             report.bytes_hashed += n;
@@ -1052,7 +1126,7 @@ impl ArtifactStore {
                             &blob,
                             Some(sha),
                             None,
-                            labels,
+                            &users,
                             format!("blob of {rel} is missing or unreadable"),
                         )),
                         Some(h) if h != sha => report.problems.push(problem(
@@ -1060,7 +1134,7 @@ impl ArtifactStore {
                             &blob,
                             Some(sha),
                             Some(h.clone()),
-                            labels,
+                            &users,
                             format!("blob of {rel} no longer matches its hash"),
                         )),
                         Some(_) => {}
@@ -1360,6 +1434,22 @@ mod tests {
             s.store(&input(&a, 9, 0.5, &[]), &ctx()).unwrap().version,
             "v4"
         );
+        let files = s.adapter_files(&all[0].adapter_hash).unwrap();
+        let names: Vec<_> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "nested/notes.txt"
+            ]
+        );
+        assert!(
+            files
+                .iter()
+                .all(|f| Path::new(&f.stored_path).is_file() && Path::new(&f.blob_path).is_file())
+        );
+        assert!(s.adapter_files(&"0".repeat(64)).is_err());
         let ex = s.experiments().unwrap();
         assert_eq!((ex[0].versions, ex[0].last_version), (3, 4));
     }
@@ -1587,6 +1677,20 @@ mod tests {
             ["MissingBlob", "UnexpectedFile"],
             "{r:?}"
         );
+        // A blob shared by both versions names both.
+        let c = hash::hash_file(&Path::new(&v2.stored_path).join("adapter_config.json"))
+            .unwrap()
+            .0;
+        let blob = Layout(s.root()).blob(&c);
+        make_writable(&blob);
+        fs::write(&blob, b"{}").unwrap();
+        let r = s.verify(None, "default", &ctx()).unwrap();
+        let p = r
+            .problems
+            .iter()
+            .find(|p| p.kind == ProblemKind::CorruptBlob && p.path == blob.display().to_string())
+            .unwrap();
+        assert_eq!(p.versions, ["default/v1", "default/v2"]);
     }
 
     #[test]

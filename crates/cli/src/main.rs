@@ -35,6 +35,8 @@ enum Command {
     Skill(cmd::skills::CallArgs),
     /// Export the JSON schemas of every skill and of the experiment spec.
     Schema(cmd::schema::Args),
+    /// The adapter store: list, show, verify, gc, delete, store.
+    Artifacts(cmd::artifacts::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
             Command::Skills(a) => cmd::skills::list(a).await,
             Command::Skill(a) => cmd::skills::call(a).await,
             Command::Schema(a) => cmd::schema::run(a).await,
+            Command::Artifacts(a) => cmd::artifacts::run(a).await,
         }
     });
     match result {

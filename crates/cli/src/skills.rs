@@ -7,5 +7,6 @@ use lora_skill::SkillRegistry;
 pub fn registry() -> SkillRegistry {
     #[allow(unused_mut)] // Areas add their skills below.
     let mut reg = SkillRegistry::new();
+    lora_artifact::register(&mut reg); // artifact_store, artifact_registry
     reg
 }

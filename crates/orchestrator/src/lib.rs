@@ -32,6 +32,7 @@ mod error;
 pub mod journal;
 mod ledger;
 mod lock;
+pub mod manifest;
 mod plan;
 mod protocols;
 pub mod report;

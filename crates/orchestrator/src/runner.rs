@@ -1239,6 +1239,16 @@ impl<'a> Run<'a> {
         s
     }
 
+    fn write_manifest(&self, state: &ExperimentState) -> Result<String, SkillError> {
+        let train = self.ledger.train_path.clone().unwrap_or_default();
+        let eval = self.ledger.eval_path.clone().unwrap_or_default();
+        let m = crate::manifest::build(self.spec, state, &train, &eval);
+        let path = self.dir.join(crate::manifest::MANIFEST_FILE);
+        lora_skill::fs::write_json_atomic(&path, &m)
+            .map_err(|e| OrchestratorError::io(&path, e))?;
+        Ok(path.display().to_string())
+    }
+
     fn write_reports(&mut self) -> Result<Vec<String>, SkillError> {
         let state = self.state();
         let written = report::write_all(&self.dir, self.spec, &state, &self.log)?;
@@ -1265,8 +1275,13 @@ impl<'a> Run<'a> {
         }
         if !self.input.dry_run {
             // Reports (best effort after a cancel: the journal is what matters).
-            match report::write_all(&self.dir, self.spec, &state, &self.log) {
-                Ok(paths) => state.reports = paths,
+            match report::write_all(&self.dir, self.spec, &state, &self.log)
+                .and_then(|paths| self.write_manifest(&state).map(|m| (paths, m)))
+            {
+                Ok((mut paths, m)) => {
+                    paths.push(m);
+                    state.reports = paths;
+                }
                 Err(e) if matches!(outcome, Outcome::Cancelled) => {
                     self.ctx.warn(format!("could not write the report: {e}"))
                 }

@@ -64,6 +64,10 @@ pub struct Doubles {
     pub crash_artifact: Option<u32>,
     /// Crash once in the merge, after part of the output is written.
     pub crash_merge: bool,
+    /// Wall time the artifact store spends after copying, before indexing (for kill tests).
+    pub artifact_delay: Duration,
+    /// Wall time the merge spends after writing part of its output (for kill tests).
+    pub merge_delay: Duration,
     /// Learning rates the fake search proposes, in order (combined with `rank_choices`).
     pub lr_grid: Vec<f64>,
     /// Every call, in order.
@@ -87,6 +91,8 @@ impl Default for Doubles {
             crash_training: None,
             crash_artifact: None,
             crash_merge: false,
+            artifact_delay: Duration::ZERO,
+            merge_delay: Duration::ZERO,
             lr_grid: vec![2e-4, 1e-4, 4e-4, 5e-5],
             calls: Arc::default(),
             fired: Arc::default(),
@@ -644,6 +650,9 @@ impl Skill for FakeArtifact {
             }
             lora_skill::fs::publish_dir(&tmp, &stored).map_err(|e| io_err(&stored, e))?;
         }
+        if !self.0.artifact_delay.is_zero() {
+            tokio::time::sleep(self.0.artifact_delay).await;
+        }
         if self.0.crash_artifact == Some(input.trial_id)
             && self.0.first_time(&format!("artifact-{}", input.trial_id))
         {
@@ -727,6 +736,20 @@ impl Skill for FakeMerge {
             }
             std::fs::write(&part, b"partial").map_err(|e| io_err(&part, e))?;
             return Err(crash("during the merge"));
+        }
+        if !self.0.merge_delay.is_zero() {
+            // Part of the output exists while the merge works, as with a real writer.
+            let part = if is_file {
+                out.with_extension("gguf.part")
+            } else {
+                out.join("model-00001.safetensors")
+            };
+            if let Some(p) = part.parent() {
+                std::fs::create_dir_all(p).map_err(|e| io_err(p, e))?;
+            }
+            std::fs::write(&part, b"partial").map_err(|e| io_err(&part, e))?;
+            tokio::time::sleep(self.0.merge_delay).await;
+            std::fs::remove_file(&part).map_err(|e| io_err(&part, e))?;
         }
         if is_file {
             lora_skill::fs::write_atomic(&out, body.as_bytes()).map_err(|e| io_err(&out, e))?;

@@ -652,3 +652,58 @@ fn a_missing_dataset_is_a_clear_error() {
     assert_eq!(err.kind, ErrorKind::NotFound);
     assert!(err.to_string().contains("nope.jsonl"), "{err}");
 }
+
+#[test]
+fn a_trial_reproduces_from_the_manifest_and_drift_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles::new();
+    let out = run(&d, &input(spec(dir.path(), json!({}))));
+    let exp = Path::new(out.data.experiment_dir.as_ref().unwrap()).to_path_buf();
+    let manifest = exp.join(crate::manifest::MANIFEST_FILE);
+    assert!(
+        out.data
+            .reports
+            .iter()
+            .any(|r| r.ends_with("manifest.json"))
+    );
+    let ctx = SkillContext::new(".");
+    let rep = rt()
+        .block_on(crate::manifest::reproduce(
+            &d.registry(),
+            &manifest,
+            2,
+            &exp.join("reproduce"),
+            &ctx,
+        ))
+        .unwrap();
+    assert!(rep.data.matches, "{}", rep.output_text);
+    assert!(rep.output_text.contains("reproduced exactly"));
+    // Change the training data: the reproduction names the drift.
+    let m = crate::manifest::load(&manifest).unwrap();
+    std::fs::write(
+        &m.train_data.path,
+        "{\"instruction\": \"x\", \"output\": \"y\"}\n",
+    )
+    .unwrap();
+    let rep = rt()
+        .block_on(crate::manifest::reproduce(
+            &d.registry(),
+            &manifest,
+            2,
+            &exp.join("reproduce"),
+            &ctx,
+        ))
+        .unwrap();
+    assert!(!rep.data.matches);
+    assert!(!rep.data.checks[0].ok && rep.data.checks[0].name == "training data sha256");
+    let err = rt()
+        .block_on(crate::manifest::reproduce(
+            &d.registry(),
+            &manifest,
+            9,
+            &exp.join("reproduce"),
+            &ctx,
+        ))
+        .unwrap_err();
+    assert!(err.hint.unwrap().contains("1, 2, 3"));
+}

@@ -1,5 +1,6 @@
 //! One module per command group.
 
+pub mod artifacts;
 pub mod schema;
 pub mod skills;
 pub mod validate;

@@ -5,9 +5,10 @@
 //! - [`names::ARTIFACT`](crate::contracts::names::ARTIFACT) (`artifact_store`) takes seed 001's
 //!   [`ArtifactStoreInput`] and returns [`ArtifactStoreOutput`] (`version`, `adapter_hash`,
 //!   `stored_path`, plus facts about the stored copy);
-//! - [`ARTIFACT_REGISTRY`] (`artifact_registry`) takes an [`ArtifactRegistryInput`]
-//!   (`op`: list, get, best, filter, delete, gc, verify) and returns an
-//!   [`ArtifactRegistryOutput`] tagged with the same `op`.
+//! - [`ARTIFACT_REGISTRY`] (`artifact_registry`) takes a flat [`ArtifactRegistryInput`]
+//!   (`op`: list, filter, get, best, delete, gc, verify, plus the fields each
+//!   uses; flat so that LLM tool APIs, which want an object at the root, take
+//!   it) and returns an [`ArtifactRegistryOutput`] tagged with the same `op`.
 //!
 //! A version is named `v1`, `v2`, ... within its experiment and never reused,
 //! even after a delete. References to a version (`reference`, `parent`) are
@@ -237,91 +238,104 @@ pub struct GcReport {
     pub removed: Vec<String>,
 }
 
-/// Input of `artifact_registry`: one operation on the store.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum ArtifactRegistryInput {
-    /// Every version (of one experiment, or of all), oldest first.
-    List {
-        /// The store folder (default `artifacts`).
-        #[serde(default)]
-        store_root: Option<String>,
-        /// Only this experiment.
-        #[serde(default)]
-        experiment_id: Option<String>,
-    },
-    /// One version by reference (`v3`, `latest`, `best:eval_loss`, `exp/v3`).
-    Get {
-        /// The store folder (default `artifacts`).
-        #[serde(default)]
-        store_root: Option<String>,
-        /// The experiment a bare reference is looked up in.
-        #[serde(default = "default_experiment")]
-        experiment_id: String,
-        /// The version.
-        reference: String,
-    },
-    /// The version with the best value of a metric.
-    Best {
-        /// The store folder (default `artifacts`).
-        #[serde(default)]
-        store_root: Option<String>,
-        /// The experiment (every experiment when absent).
-        #[serde(default)]
-        experiment_id: Option<String>,
-        /// The metric (`eval_loss`).
-        metric: String,
-        /// Whether smaller (`min`, default) or larger (`max`) is better.
-        #[serde(default)]
-        goal: MetricGoal,
-        /// Only versions carrying every one of these tags.
-        #[serde(default)]
-        tags: Vec<String>,
-    },
-    /// Versions meeting conditions on tags, trial and metrics.
-    Filter {
-        /// The store folder (default `artifacts`).
-        #[serde(default)]
-        store_root: Option<String>,
-        /// The conditions.
-        #[serde(default)]
-        filter: VersionFilter,
-    },
-    /// Removes a version from the index (its files go at the next `gc`).
-    Delete {
-        /// The store folder (default `artifacts`).
-        #[serde(default)]
-        store_root: Option<String>,
-        /// The experiment a bare reference is looked up in.
-        #[serde(default = "default_experiment")]
-        experiment_id: String,
-        /// The version.
-        reference: String,
-    },
+/// An operation of `artifact_registry`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RegistryOp {
+    /// Versions (of `experiment_id`, or of all), oldest first, narrowed by the filter fields.
+    List,
+    /// Same as `list` (kept as its own name for callers that think in filters).
+    Filter,
+    /// One version by `reference`.
+    Get,
+    /// The version with the best value of `metric` (`goal` min or max), among the filtered ones.
+    Best,
+    /// Removes the version `reference` from the index (its files go at the next `gc`).
+    Delete,
     /// Removes files no version references and leftovers of interrupted stores.
-    Gc {
-        /// The store folder (default `artifacts`).
-        #[serde(default)]
-        store_root: Option<String>,
-        /// Report what would go without removing anything.
-        #[serde(default)]
-        dry_run: bool,
-        /// Seconds to wait for running stores to finish before giving up (default 60).
-        #[serde(default)]
-        wait_seconds: Option<f64>,
-    },
-    /// Re-hashes stored files and reports corruption by path.
-    Verify {
-        /// The store folder (default `artifacts`).
-        #[serde(default)]
-        store_root: Option<String>,
-        /// Only this version (`exp/v3`, or `v3` with `experiment_id`); all when absent.
-        #[serde(default)]
-        reference: Option<String>,
-        /// The experiment a bare reference is looked up in.
-        #[serde(default = "default_experiment")]
-        experiment_id: String,
-    },
+    Gc,
+    /// Re-hashes stored files (of `reference`, or of every version) and reports corruption by path.
+    Verify,
+}
+
+/// Input of `artifact_registry`: one operation on the store. Fields an
+/// operation does not use are ignored; a field it needs is an error when missing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactRegistryInput {
+    /// The operation.
+    pub op: RegistryOp,
+    /// The store folder (default `artifacts`, relative to the working directory).
+    #[serde(default)]
+    pub store_root: Option<String>,
+    /// The experiment: list/filter/best look only at it (all experiments when
+    /// absent); get/delete/verify look a bare reference up in it (default `default`).
+    #[serde(default)]
+    pub experiment_id: Option<String>,
+    /// get, delete (required), verify (optional): `v3`, `latest`, `best:eval_loss`,
+    /// `best:accuracy:max`, or any of them after an experiment id and a slash.
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// best (required): the metric to rank by.
+    #[serde(default)]
+    pub metric: Option<String>,
+    /// best: whether smaller (`min`, default) or larger (`max`) is better.
+    #[serde(default)]
+    pub goal: MetricGoal,
+    /// list/filter/best: only versions carrying every one of these tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// list/filter/best: only versions carrying at least one of these tags (ignored when empty).
+    #[serde(default)]
+    pub any_tags: Vec<String>,
+    /// list/filter/best: only this trial.
+    #[serde(default)]
+    pub trial_id: Option<u32>,
+    /// list/filter/best: inclusive lower bounds on metrics (`{"accuracy": 0.8}`).
+    #[serde(default)]
+    pub metric_min: BTreeMap<String, f64>,
+    /// list/filter/best: inclusive upper bounds on metrics (`{"eval_loss": 0.5}`).
+    #[serde(default)]
+    pub metric_max: BTreeMap<String, f64>,
+    /// gc: report what would go without removing anything.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// gc: seconds to wait for running stores to finish before giving up (default 60).
+    #[serde(default)]
+    pub wait_seconds: Option<f64>,
+}
+
+impl ArtifactRegistryInput {
+    /// An input for `op` with every other field at its default.
+    pub fn new(op: RegistryOp) -> Self {
+        Self {
+            op,
+            store_root: None,
+            experiment_id: None,
+            reference: None,
+            metric: None,
+            goal: MetricGoal::Min,
+            tags: Vec::new(),
+            any_tags: Vec::new(),
+            trial_id: None,
+            metric_min: BTreeMap::new(),
+            metric_max: BTreeMap::new(),
+            dry_run: false,
+            wait_seconds: None,
+        }
+    }
+
+    /// The filter fields as a [`VersionFilter`].
+    pub fn filter(&self) -> VersionFilter {
+        VersionFilter {
+            experiment_id: self.experiment_id.clone(),
+            tags: self.tags.clone(),
+            any_tags: self.any_tags.clone(),
+            trial_id: self.trial_id,
+            metric_min: self.metric_min.clone(),
+            metric_max: self.metric_max.clone(),
+        }
+    }
 }
 
 /// Output `data` of `artifact_registry`, tagged with the operation.
@@ -393,32 +407,25 @@ mod tests {
     }
 
     #[test]
-    fn registry_ops_are_tagged_and_strict() {
+    fn registry_input_is_flat_and_strict() {
         let i: ArtifactRegistryInput = serde_json::from_value(serde_json::json!({
-            "op": "best", "metric": "eval_loss", "goal": "max"
+            "op": "best", "metric": "eval_loss", "goal": "max", "tags": ["lora"]
         }))
         .unwrap();
-        assert!(matches!(
-            i,
-            ArtifactRegistryInput::Best {
-                goal: MetricGoal::Max,
-                ..
-            }
-        ));
+        assert_eq!(i.op, RegistryOp::Best);
+        assert_eq!(i.goal, MetricGoal::Max);
+        assert_eq!(i.filter().tags, vec!["lora".to_string()]);
         let f: ArtifactRegistryInput = serde_json::from_value(serde_json::json!({
-            "op": "filter", "filter": {"tags": ["lora"], "metric_max": {"eval_loss": 0.5}}
+            "op": "filter", "metric_max": {"eval_loss": 0.5}
         }))
         .unwrap();
-        match f {
-            ArtifactRegistryInput::Filter { filter, .. } => {
-                assert_eq!(filter.tags, vec!["lora".to_string()]);
-                assert_eq!(filter.metric_max["eval_loss"], 0.5);
-            }
-            other => panic!("unexpected {other:?}"),
-        }
+        assert_eq!(f.filter().metric_max["eval_loss"], 0.5);
         let bad = serde_json::from_value::<ArtifactRegistryInput>(serde_json::json!({
             "op": "get", "reference": "v1", "refrence": "v2"
         }));
+        assert!(bad.is_err());
+        let bad =
+            serde_json::from_value::<ArtifactRegistryInput>(serde_json::json!({"op": "compact"}));
         assert!(bad.is_err());
         let out = serde_json::to_value(ArtifactRegistryOutput::Gc {
             report: GcReport::default(),
