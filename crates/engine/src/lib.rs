@@ -1,3 +1,28 @@
-//! The tensor engine on libtorch: Llama-family model, LoRA, trainer, generation.
+//! The tensor engine on libtorch (tch): the Llama-family model (Llama 2/3,
+//! Mistral, Qwen2) loaded from Hugging Face folders or GGUF files, exact to
+//! transformers' logits, with a KV cache and sampling-based generation.
 //!
-//! Filled by its own issue; see docs/ARCHITECTURE.md.
+//! Layout: [`config`] (config.json), [`weights`] (safetensors in/out and the
+//! load report), [`model`] (forward pass and KV cache), [`nn`] (Linear with a
+//! LoRA slot, RMSNorm, Embedding), [`lora`] (the adapter layer).
+
+#![cfg_attr(test, allow(clippy::unwrap_used))] // Tests may unwrap; library code may not.
+
+pub mod config;
+pub mod error;
+pub mod lora;
+pub mod model;
+pub mod nn;
+pub mod weights;
+
+#[cfg(test)]
+mod parity_tests;
+#[cfg(test)]
+pub(crate) mod testutil;
+
+pub use config::{Architecture, HfConfig, ModelConfig, RopeScaling};
+pub use error::{EngineError, Result};
+pub use lora::LoraLayer;
+pub use model::{KvCache, LlamaModel};
+pub use nn::Linear;
+pub use weights::{LoadReport, TensorStore};
