@@ -27,6 +27,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a whole experiment: profile, preflight, HPO trials under a budget, merge and export.
+    Run(cmd::run::Args),
+    /// Re-run one trial of an experiment from its manifest.json and say whether it matches.
+    Reproduce(cmd::run::ReproduceArgs),
     /// Check an experiment spec (YAML or JSON) and print what it resolves to.
     Validate(cmd::validate::Args),
     /// List every registered skill.
@@ -52,6 +56,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
+            Command::Run(a) => cmd::run::run(a, cli.verbose).await,
+            Command::Reproduce(a) => cmd::run::reproduce(a, cli.verbose).await,
             Command::Validate(a) => cmd::validate::run(a).await,
             Command::Skills(a) => cmd::skills::list(a).await,
             Command::Skill(a) => cmd::skills::call(a).await,

@@ -8,5 +8,8 @@ pub fn registry() -> SkillRegistry {
     #[allow(unused_mut)] // Areas add their skills below.
     let mut reg = SkillRegistry::new();
     lora_artifact::register(&mut reg); // artifact_store, artifact_registry
+    // lora_trainer: composes every skill above through the registry (keep it last).
+    let orchestrator = lora_orchestrator::LoRATrainerSkill::new(reg.clone());
+    reg.register(orchestrator);
     reg
 }
