@@ -22,7 +22,7 @@ type Series = (String, Vec<(f64, f64)>);
 pub fn write_all(
     dir: &Path,
     spec: &ExperimentSpec,
-    state: &ExperimentState,
+    state: &mut ExperimentState,
     log: &[String],
 ) -> Result<Vec<String>, SkillError> {
     let mut written: Vec<PathBuf> = Vec::new();
@@ -71,7 +71,6 @@ pub fn write_all(
         ));
         written.push(p);
     }
-    let mut state = state.clone();
     if let Some(ab) = state.ablation.as_mut() {
         let numeric: Vec<(f64, f64)> = ab
             .rows
@@ -132,13 +131,13 @@ pub fn write_all(
         .chain([&state_path, &md_path, &html_path])
         .map(|p| p.display().to_string())
         .collect();
-    let md = markdown(spec, &state, &images, log);
+    let md = markdown(spec, state, &images, log);
     lora_skill::fs::write_atomic(&md_path, md.as_bytes())
         .map_err(|e| OrchestratorError::io(&md_path, e))?;
-    let html = html(spec, &state, &images);
+    let html = html(spec, state, &images);
     lora_skill::fs::write_atomic(&html_path, html.as_bytes())
         .map_err(|e| OrchestratorError::io(&html_path, e))?;
-    lora_skill::fs::write_json_atomic(&state_path, &state)
+    lora_skill::fs::write_json_atomic(&state_path, &*state)
         .map_err(|e| OrchestratorError::io(&state_path, e))?;
     Ok(state.reports.clone())
 }

@@ -1175,9 +1175,16 @@ impl<'a> Run<'a> {
             self.say("Step 4/4 merge: skipped, no trial completed".into());
             return Ok(());
         };
-        let Some(adapter) = best.adapter_path.clone() else {
+        let Some(mut adapter) = best.adapter_path.clone() else {
             return Ok(());
         };
+        // An ensemble that beats its best member is what gets merged.
+        if let Some(en) = &self.ledger.ensemble
+            && let (Some(c), Some(m)) = (&en.combined_adapter, en.ensemble_metric)
+            && best.record.objective.is_none_or(|b| m < b)
+        {
+            adapter = c.clone();
+        }
         self.ctx.check_cancelled()?;
         let format = self.merge_format();
         let quant = self.spec.output.gguf_quantization;
@@ -1250,8 +1257,8 @@ impl<'a> Run<'a> {
     }
 
     fn write_reports(&mut self) -> Result<Vec<String>, SkillError> {
-        let state = self.state();
-        let written = report::write_all(&self.dir, self.spec, &state, &self.log)?;
+        let mut state = self.state();
+        let written = report::write_all(&self.dir, self.spec, &mut state, &self.log)?;
         Ok(written)
     }
 
@@ -1275,7 +1282,7 @@ impl<'a> Run<'a> {
         }
         if !self.input.dry_run {
             // Reports (best effort after a cancel: the journal is what matters).
-            match report::write_all(&self.dir, self.spec, &state, &self.log)
+            match report::write_all(&self.dir, self.spec, &mut state, &self.log)
                 .and_then(|paths| self.write_manifest(&state).map(|m| (paths, m)))
             {
                 Ok((mut paths, m)) => {
@@ -1485,13 +1492,21 @@ impl<'a> Run<'a> {
 }
 
 /// Access for the protocol planners.
-#[allow(dead_code)] // The ablation/curriculum/ensemble runners use all of these.
 impl Run<'_> {
     pub(crate) fn spec(&self) -> &ExperimentSpec {
         self.spec
     }
     pub(crate) fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+    pub(crate) fn registry(&self) -> &SkillRegistry {
+        self.registry
+    }
+    pub(crate) fn ctx(&self) -> &SkillContext {
+        &self.ctx
+    }
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
     pub(crate) fn is_dry_run(&self) -> bool {
         self.input.dry_run

@@ -718,6 +718,22 @@ impl Skill for FakeMerge {
         let loss = read_fake_loss(&ctx.resolve(&input.adapter_path));
         let body = json!({"base": input.base_model, "adapter": input.adapter_path, "fake_eval_loss": loss}).to_string();
         let is_file = out.extension().is_some_and(|e| e == "gguf");
+        if let Some(comb) = &input.combination {
+            // Adapter combination: a weighted adapter slightly better than its members' mix.
+            let mut loss = 0.0;
+            for (a, w) in comb.adapters.iter().zip(&comb.weights) {
+                let l = read_fake_loss(&ctx.resolve(a))
+                    .ok_or_else(|| SkillError::not_found(format!("{a}: no adapter")))?;
+                loss += w * l;
+            }
+            write_fake_adapter(&out, &TrialConfig::default(), loss - 0.02)?;
+            return Ok(StepResult::new(MergeOutput {
+                merged_path: out.display().to_string(),
+                output_format: input.output_format,
+                max_abs_logit_diff: None,
+                ..MergeOutput::default()
+            }));
+        }
         if out.exists() {
             return Err(SkillError::invalid_input(format!(
                 "{} already exists",

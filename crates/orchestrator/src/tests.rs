@@ -707,3 +707,216 @@ fn a_trial_reproduces_from_the_manifest_and_drift_is_named() {
         .unwrap_err();
     assert!(err.hint.unwrap().contains("1, 2, 3"));
 }
+
+#[test]
+fn ablation_runs_every_point_against_the_baseline_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles::new();
+    let s = spec(
+        dir.path(),
+        json!({"protocol": {"type": "ablation", "ablation": {"param": "lora_rank", "values": [4, 8, 32]}}}),
+    );
+    let out = run(&d, &input(s));
+    let st = &out.data;
+    assert_eq!(st.stop_reason, Some(StopReason::PlanCompleted));
+    assert_eq!(st.trial_history.len(), 4, "baseline + 3 points");
+    let ranks: Vec<u32> = st
+        .trial_history
+        .iter()
+        .map(|t| t.record.config.lora_rank)
+        .collect();
+    assert_eq!(
+        ranks,
+        [16, 4, 8, 32],
+        "the base (rank 16) first as the baseline"
+    );
+    let ab = st.ablation.as_ref().unwrap();
+    assert_eq!(ab.rows.len(), 4);
+    assert!(ab.rows[0].baseline && ab.rows[0].delta_vs_baseline == Some(0.0));
+    assert_eq!(ab.best.as_deref(), Some("lora_rank=32"));
+    assert!(ab.rows[3].delta_vs_baseline.unwrap() < 0.0);
+    let plot = std::fs::read_to_string(ab.plot_path.as_ref().unwrap()).unwrap();
+    assert!(plot.contains("<svg") && plot.contains("lora_rank"));
+    let exp = Path::new(st.experiment_dir.as_ref().unwrap());
+    let md = std::fs::read_to_string(exp.join("report.md")).unwrap();
+    assert!(
+        md.contains("## Ablation")
+            && md.contains("lora_rank=32")
+            && md.contains("plots/ablation.svg")
+    );
+    // HPO is not asked in an ablation; the best point is merged.
+    assert!(d.calls_to(names::HPO).is_empty());
+    assert_eq!(st.best_trial.as_ref().unwrap().record.config.lora_rank, 32);
+}
+
+#[test]
+fn an_ablation_grid_includes_the_base_point_as_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = spec(
+        dir.path(),
+        json!({"protocol": {"type": "ablation", "ablation": {"grid": {"lora_rank": [8, 16], "learning_rate": [1e-4, 2e-4]}}}}),
+    );
+    let st = run(&Doubles::new(), &input(s)).data;
+    assert_eq!(st.trial_history.len(), 4);
+    let ab = st.ablation.unwrap();
+    let base: Vec<_> = ab.rows.iter().filter(|r| r.baseline).collect();
+    assert_eq!(base.len(), 1);
+    assert!(
+        base[0].label.contains("lora_rank=16") && base[0].label.contains("learning_rate=0.0002")
+    );
+    // A bad value names the point.
+    let s = spec(
+        dir.path(),
+        json!({"experiment_name": "bad", "protocol": {"type": "ablation", "ablation": {"param": "lora_dropout", "values": [0.1, 1.5]}}}),
+    );
+    let err = run_with(&Doubles::new(), &input(s), None).unwrap_err();
+    assert!(err.message.contains("lora_dropout"), "{err}");
+}
+
+#[test]
+fn curriculum_stages_start_from_the_previous_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let easy = dir.path().join("easy.jsonl");
+    let hard = dir.path().join("hard.jsonl");
+    std::fs::write(&easy, "{\"instruction\": \"1+1\", \"output\": \"2\"}\n").unwrap();
+    std::fs::write(&hard, "{\"instruction\": \"17*23\", \"output\": \"391\"}\n").unwrap();
+    let d = Doubles::new();
+    let s = spec(
+        dir.path(),
+        json!({"protocol": {"type": "curriculum", "curriculum": {"stages": [
+            {"name": "easy", "path": easy, "epochs": 1},
+            {"name": "hard", "path": hard, "epochs": 2}
+        ]}}}),
+    );
+    let st = run(&d, &input(s)).data;
+    assert_eq!(st.trial_history.len(), 2);
+    assert_eq!(st.stop_reason, Some(StopReason::PlanCompleted));
+    let trainings: Vec<_> = d
+        .calls_to(names::TRAINING)
+        .into_iter()
+        .filter(|c| c["dry_run"] == false)
+        .collect();
+    assert_eq!(trainings[0]["dataset_path"], easy.display().to_string());
+    assert!(trainings[0]["init_adapter"].is_null());
+    assert_eq!(trainings[1]["dataset_path"], hard.display().to_string());
+    assert_eq!(
+        trainings[1]["init_adapter"],
+        st.trial_history[0].adapter_path.clone().unwrap().as_str()
+    );
+    assert_eq!(trainings[1]["trial_config"]["epochs"], 2.0);
+    // The last stage is the product, and it is better than the first (it started from it).
+    assert_eq!(st.best_trial.as_ref().unwrap().trial_id, 2);
+    assert!(st.trial_history[1].record.objective < st.trial_history[0].record.objective);
+    let stores = d.calls_to(names::ARTIFACT);
+    assert_eq!(stores[1]["parent"], "v1");
+    // By length: the data is cut into stage files, shortest first.
+    let s = spec(
+        dir.path(),
+        json!({"experiment_name": "bylen", "protocol": {"type": "curriculum", "curriculum": {"num_stages": 2}}}),
+    );
+    let st = run(&Doubles::new(), &input(s)).data;
+    assert_eq!(st.trial_history.len(), 2);
+    let stage0 = dir.path().join("runs/bylen/data/stage_0.jsonl");
+    let stage1 = dir.path().join("runs/bylen/data/stage_1.jsonl");
+    let max0 = std::fs::read_to_string(&stage0)
+        .unwrap()
+        .lines()
+        .map(str::len)
+        .max()
+        .unwrap();
+    let min1 = std::fs::read_to_string(&stage1)
+        .unwrap()
+        .lines()
+        .map(str::len)
+        .min()
+        .unwrap();
+    assert!(max0 <= min1);
+}
+
+#[test]
+fn an_ensemble_trains_members_combines_them_and_compares_with_the_best() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Doubles::new();
+    let s = spec(
+        dir.path(),
+        json!({"protocol": {"type": "ensemble", "ensemble": {"members": 3, "weighting": "inverse_loss", "combination": "ties"}}}),
+    );
+    let st = run(&d, &input(s)).data;
+    assert_eq!(st.trial_history.len(), 3);
+    let seeds: std::collections::BTreeSet<u64> = st
+        .trial_history
+        .iter()
+        .map(|t| t.record.config.seed)
+        .collect();
+    assert_eq!(seeds.len(), 3, "members differ in seed");
+    let en = st.ensemble.as_ref().unwrap();
+    assert_eq!(en.members, [1, 2, 3]);
+    assert!((en.weights.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    let merges = d.calls_to(names::MERGE);
+    assert_eq!(merges[0]["combination"]["combination_type"], "ties");
+    assert_eq!(merges[0]["adapter_only"], true);
+    assert!(en.ensemble_metric.is_some() && en.best_member_metric.is_some());
+    // Step 4 merged the better of the combination and the best member.
+    let merged_from = merges[1]["adapter_path"].as_str().unwrap();
+    if en.ensemble_metric < en.best_member_metric {
+        assert_eq!(Some(merged_from), en.combined_adapter.as_deref());
+    } else {
+        assert_eq!(
+            Some(merged_from),
+            st.best_trial.as_ref().unwrap().adapter_path.as_deref()
+        );
+    }
+    let md = std::fs::read_to_string(dir.path().join("runs/t/report.md")).unwrap();
+    assert!(md.contains("## Ensemble"));
+}
+
+#[test]
+fn protocols_resume_after_a_crash_to_the_same_result() {
+    for protocol in [
+        json!({"type": "ablation", "ablation": {"param": "lora_rank", "values": [4, 16]}}),
+        json!({"type": "ensemble", "ensemble": {"members": 2}}),
+    ] {
+        let reference = {
+            let other = fast_tempdir();
+            essence(
+                &run(
+                    &Doubles::new(),
+                    &input(spec(other.path(), json!({"protocol": protocol}))),
+                )
+                .data,
+            )
+        };
+        let events = 30;
+        for k in (3..=events).step_by(4) {
+            let dir = fast_tempdir();
+            let mut inp = input(spec(dir.path(), json!({"protocol": protocol})));
+            let fault = Some(Fault {
+                at_seq: k,
+                kind: FaultKind::Crash,
+            });
+            if run_with(&Doubles::new(), &inp, fault).is_ok() {
+                continue; // fewer events than k
+            }
+            inp.resume = true;
+            let out = run(&Doubles::new(), &inp);
+            assert_eq!(
+                essence(&out.data),
+                reference,
+                "{protocol}: crash before event {k}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_dry_run_lists_a_protocols_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut inp = input(spec(
+        dir.path(),
+        json!({"protocol": {"type": "curriculum", "curriculum": {"num_stages": 3}}}),
+    ));
+    inp.dry_run = true;
+    let st = run(&Doubles::new(), &inp).data;
+    assert_eq!(st.trial_history.len(), 3);
+    assert!(!dir.path().join("runs").exists());
+}
