@@ -38,11 +38,19 @@ fn normal_deps(meta: &Value) -> BTreeMap<String, BTreeSet<String>> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|p| (p["id"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")))
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap_or(""),
+                p["name"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
     let mut out = BTreeMap::new();
     for node in meta["resolve"]["nodes"].as_array().into_iter().flatten() {
-        let name = names.get(node["id"].as_str().unwrap_or("")).copied().unwrap_or("");
+        let name = names
+            .get(node["id"].as_str().unwrap_or(""))
+            .copied()
+            .unwrap_or("");
         let deps: BTreeSet<String> = node["deps"]
             .as_array()
             .into_iter()
@@ -54,7 +62,11 @@ fn normal_deps(meta: &Value) -> BTreeMap<String, BTreeSet<String>> {
                     .flatten()
                     .any(|k| k["kind"].is_null())
             })
-            .filter_map(|d| names.get(d["pkg"].as_str().unwrap_or("")).map(|s| s.to_string()))
+            .filter_map(|d| {
+                names
+                    .get(d["pkg"].as_str().unwrap_or(""))
+                    .map(|s| s.to_string())
+            })
             .collect();
         out.insert(name.to_string(), deps);
     }
@@ -106,7 +118,16 @@ fn libtorch_stays_in_the_tensor_crates() {
     );
     // The orchestrator gets skills from a registry, never from their crates.
     let orch = closure(&deps, "lora-orchestrator");
-    for forbidden in ["lora-dataset", "lora-config", "lora-training", "lora-eval", "lora-hpo", "lora-artifact", "lora-merge", "lora-engine"] {
+    for forbidden in [
+        "lora-dataset",
+        "lora-config",
+        "lora-training",
+        "lora-eval",
+        "lora-hpo",
+        "lora-artifact",
+        "lora-merge",
+        "lora-engine",
+    ] {
         assert!(
             !orch.contains(forbidden),
             "lora-orchestrator depends on {forbidden}: it must call skills through the registry"
@@ -115,7 +136,10 @@ fn libtorch_stays_in_the_tensor_crates() {
     // Libraries do not depend on the CLI.
     for m in &members {
         if m != "lora-cli" && m != "lora-tests" && m != "xtask" {
-            assert!(!closure(&deps, m).contains("lora-cli") || m == "lora-cli", "{m} depends on lora-cli");
+            assert!(
+                !closure(&deps, m).contains("lora-cli") || m == "lora-cli",
+                "{m} depends on lora-cli"
+            );
         }
     }
 }
@@ -155,7 +179,10 @@ fn every_rust_file_opens_with_a_module_doc() {
         .collect();
     for dir in ["crates", "xtask", "tests"] {
         for f in rust_files(&root.join(dir)) {
-            let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             if included.contains(&name) {
                 continue;
             }
@@ -166,7 +193,10 @@ fn every_rust_file_opens_with_a_module_doc() {
             }
         }
     }
-    assert!(missing.is_empty(), "files without a `//!` header: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "files without a `//!` header: {missing:?}"
+    );
 }
 
 #[test]
@@ -194,7 +224,10 @@ fn architecture_doc_names_every_crate() {
     let doc = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md"))
         .expect("docs/ARCHITECTURE.md exists");
     let mut missing = Vec::new();
-    for entry in std::fs::read_dir(root.join("crates")).expect("crates/ exists").flatten() {
+    for entry in std::fs::read_dir(root.join("crates"))
+        .expect("crates/ exists")
+        .flatten()
+    {
         let manifest = entry.path().join("Cargo.toml");
         let Ok(text) = std::fs::read_to_string(&manifest) else {
             continue;
@@ -209,7 +242,10 @@ fn architecture_doc_names_every_crate() {
             missing.push(name);
         }
     }
-    assert!(missing.is_empty(), "docs/ARCHITECTURE.md does not describe: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "docs/ARCHITECTURE.md does not describe: {missing:?}"
+    );
 }
 
 #[test]
@@ -218,11 +254,15 @@ fn ci_runs_the_readme_test_command() {
     let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md exists");
     let ci = std::fs::read_to_string(root.join(".ci/run")).expect(".ci/run exists");
     let command = "cargo xtask ci";
-    assert!(readme.contains(&format!("```\n{command}\n```")), "README.md must show the test command `{command}`");
+    assert!(
+        readme.contains(&format!("```\n{command}\n```")),
+        "README.md must show the test command `{command}`"
+    );
     assert!(
         ci.lines().any(|l| l.trim() == command),
         ".ci/run must call the README's test command `{command}`"
     );
-    let toolchain = std::fs::read_to_string(root.join("rust-toolchain.toml")).expect("rust-toolchain.toml");
+    let toolchain =
+        std::fs::read_to_string(root.join("rust-toolchain.toml")).expect("rust-toolchain.toml");
     assert!(toolchain.contains("channel = \"1.95.0\""));
 }

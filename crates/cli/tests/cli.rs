@@ -32,13 +32,22 @@ const SEED_000: &str = include_str!("specs/seed_000.yaml");
 
 #[test]
 fn the_seed_000_example_validates() {
-    let o = run(&["validate", root().join("crates/cli/tests/specs/seed_000.yaml").to_str().unwrap()]);
+    let o = run(&[
+        "validate",
+        root()
+            .join("crates/cli/tests/specs/seed_000.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("llama3-sql-finetune"));
     let o = run(&[
         "validate",
         "--json",
-        root().join("crates/cli/tests/specs/seed_000.yaml").to_str().unwrap(),
+        root()
+            .join("crates/cli/tests/specs/seed_000.yaml")
+            .to_str()
+            .unwrap(),
     ]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("--json prints JSON");
     assert_eq!(v["spec"]["base_config"]["learning_rate"], 0.0002);
@@ -49,18 +58,62 @@ fn the_seed_000_example_validates() {
 fn twelve_broken_specs_exit_2_and_name_the_field_or_line() {
     let dir = tempfile::tempdir().unwrap();
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
-        ("wrong_type.yaml", SEED_000.replace("lora_rank: 64", "lora_rank: \"sixty-four\""), vec!["config.lora_rank", ":16:", "wrong type"]),
-        ("unknown_key.yaml", format!("{SEED_000}colour: blue\n"), vec!["colour", "unknown key", ":31:"]),
-        ("typo.yaml", SEED_000.replace("lora_alpha: 16", "lora_alpah: 16"), vec!["config.lora_alpah", "did you mean `lora_alpha`", ":17:"]),
-        ("negative_rank.yaml", SEED_000.replace("lora_rank: 64", "lora_rank: -8"), vec!["config.lora_rank", "-8", ":16:"]),
-        ("lr_range.yaml", format!("{SEED_000}search_space:\n  lr_min: 0.01\n  lr_max: 0.0001\n"), vec!["search_space.lr_min", ":31:"]),
-        ("protocol.yaml", SEED_000.replace("type: \"standard\"", "type: \"grid\""), vec!["protocol.type", "grid", ":24:"]),
-        ("export.yaml", SEED_000.replace("export_format: \"gguf\"", "export_format: \"onnx\""), vec!["output.export_format", "onnx", ":29:"]),
-        ("no_dataset.yaml", SEED_000.replace("  path: \"data/text_to_sql.json\"\n", ""), vec!["dataset.path", "missing"]),
-        ("syntax.yaml", SEED_000.replace("lora_alpha: 16", "lora_alpha: [16"), vec!["invalid YAML", ":"]),
-        ("version.yaml", SEED_000.replace("version: \"1.0\"", "version: \"2.0\""), vec!["version", "2.0", ":1:"]),
+        (
+            "wrong_type.yaml",
+            SEED_000.replace("lora_rank: 64", "lora_rank: \"sixty-four\""),
+            vec!["config.lora_rank", ":16:", "wrong type"],
+        ),
+        (
+            "unknown_key.yaml",
+            format!("{SEED_000}colour: blue\n"),
+            vec!["colour", "unknown key", ":31:"],
+        ),
+        (
+            "typo.yaml",
+            SEED_000.replace("lora_alpha: 16", "lora_alpah: 16"),
+            vec!["config.lora_alpah", "did you mean `lora_alpha`", ":17:"],
+        ),
+        (
+            "negative_rank.yaml",
+            SEED_000.replace("lora_rank: 64", "lora_rank: -8"),
+            vec!["config.lora_rank", "-8", ":16:"],
+        ),
+        (
+            "lr_range.yaml",
+            format!("{SEED_000}search_space:\n  lr_min: 0.01\n  lr_max: 0.0001\n"),
+            vec!["search_space.lr_min", ":31:"],
+        ),
+        (
+            "protocol.yaml",
+            SEED_000.replace("type: \"standard\"", "type: \"grid\""),
+            vec!["protocol.type", "grid", ":24:"],
+        ),
+        (
+            "export.yaml",
+            SEED_000.replace("export_format: \"gguf\"", "export_format: \"onnx\""),
+            vec!["output.export_format", "onnx", ":29:"],
+        ),
+        (
+            "no_dataset.yaml",
+            SEED_000.replace("  path: \"data/text_to_sql.json\"\n", ""),
+            vec!["dataset.path", "missing"],
+        ),
+        (
+            "syntax.yaml",
+            SEED_000.replace("lora_alpha: 16", "lora_alpha: [16"),
+            vec!["invalid YAML", ":"],
+        ),
+        (
+            "version.yaml",
+            SEED_000.replace("version: \"1.0\"", "version: \"2.0\""),
+            vec!["version", "2.0", ":1:"],
+        ),
         ("empty.yaml", String::new(), vec!["empty"]),
-        ("trailing_comma.json", "{\n  \"version\": \"1.0\",\n  \"dataset\": {\"path\": \"d.jsonl\"},\n}\n".into(), vec!["trailing comma", ":4:"]),
+        (
+            "trailing_comma.json",
+            "{\n  \"version\": \"1.0\",\n  \"dataset\": {\"path\": \"d.jsonl\"},\n}\n".into(),
+            vec!["trailing comma", ":4:"],
+        ),
     ];
     assert_eq!(cases.len(), 12);
     for (name, body, expect) in cases {
@@ -68,7 +121,12 @@ fn twelve_broken_specs_exit_2_and_name_the_field_or_line() {
         std::fs::write(&p, body).unwrap();
         let o = run(&["validate", p.to_str().unwrap()]);
         let out = text(&o);
-        assert_eq!(o.status.code(), Some(2), "{name}: expected exit 2, got {:?}: {out}", o.status);
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{name}: expected exit 2, got {:?}: {out}",
+            o.status
+        );
         assert!(!out.contains("panicked"), "{name} panicked: {out}");
         for e in expect {
             assert!(out.contains(e), "{name}: `{e}` not in: {out}");
@@ -123,7 +181,8 @@ fn example_inputs_validate_against_the_schemas() {
     // The experiment document.
     let exp = validator(&all["experiment"]);
     let doc: serde_json::Value = {
-        let v = lora_spec::load::Document::parse(SEED_000, "seed", lora_spec::load::Syntax::Yaml).unwrap();
+        let v = lora_spec::load::Document::parse(SEED_000, "seed", lora_spec::load::Syntax::Yaml)
+            .unwrap();
         v.value
     };
     assert!(exp.is_valid(&doc), "seed 000 rejected by the schema");
@@ -137,21 +196,28 @@ fn example_inputs_validate_against_the_schemas() {
     bad["colour"] = serde_json::json!("blue");
     assert!(!exp.is_valid(&bad), "unknown keys are rejected");
     // Every registered skill has examples, valid and invalid.
-    let skills: serde_json::Value = serde_json::from_slice(&run(&["skills", "--json"]).stdout).unwrap();
+    let skills: serde_json::Value =
+        serde_json::from_slice(&run(&["skills", "--json"]).stdout).unwrap();
     for s in skills.as_array().unwrap() {
         let name = s["name"].as_str().unwrap();
         let path = root().join(format!("crates/cli/tests/examples/{name}.json"));
-        let ex: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&path)
-                .unwrap_or_else(|_| panic!("add example inputs for skill `{name}` at {}", path.display())),
-        )
-        .expect("examples are JSON");
+        let ex: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|_| {
+                panic!(
+                    "add example inputs for skill `{name}` at {}",
+                    path.display()
+                )
+            }))
+            .expect("examples are JSON");
         let v = validator(&all[format!("{name}.input")]);
         for good in ex["valid"].as_array().expect("`valid` list") {
             assert!(v.is_valid(good), "{name}: valid example rejected: {good}");
         }
         let invalid = ex["invalid"].as_array().expect("`invalid` list");
-        assert!(!invalid.is_empty(), "{name}: give at least one invalid example");
+        assert!(
+            !invalid.is_empty(),
+            "{name}: give at least one invalid example"
+        );
         for bad in invalid {
             assert!(!v.is_valid(bad), "{name}: invalid example accepted: {bad}");
         }
@@ -162,7 +228,13 @@ fn example_inputs_validate_against_the_schemas() {
 fn committed_schemas_are_fresh() {
     let dir = tempfile::tempdir().unwrap();
     for format in ["json-schema", "openai-tools", "anthropic-tools"] {
-        let o = run(&["schema", "--format", format, "--out", dir.path().to_str().unwrap()]);
+        let o = run(&[
+            "schema",
+            "--format",
+            format,
+            "--out",
+            dir.path().to_str().unwrap(),
+        ]);
         assert!(o.status.success(), "{}", text(&o));
     }
     let committed = root().join("docs/schemas");

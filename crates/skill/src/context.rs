@@ -411,7 +411,10 @@ mod tests {
     #[test]
     fn resolve_is_relative_to_work_dir() {
         let ctx = SkillContext::new("/work/exp");
-        assert_eq!(ctx.resolve("data.jsonl"), PathBuf::from("/work/exp/data.jsonl"));
+        assert_eq!(
+            ctx.resolve("data.jsonl"),
+            PathBuf::from("/work/exp/data.jsonl")
+        );
         assert_eq!(ctx.resolve("/abs/x"), PathBuf::from("/abs/x"));
     }
 }

@@ -44,7 +44,10 @@ impl ErrorKind {
 
     /// Whether the error is the user's input (exit code 2) rather than a failed run (exit code 1).
     pub fn is_user_error(self) -> bool {
-        matches!(self, Self::InvalidInput | Self::NotFound | Self::Unsupported)
+        matches!(
+            self,
+            Self::InvalidInput | Self::NotFound | Self::Unsupported
+        )
     }
 }
 

@@ -130,10 +130,7 @@ impl SkillRegistry {
 
     /// Registers `skill` under its name, replacing any skill of that name.
     /// Returns the replaced skill, if any.
-    pub fn register<S: ErasedSkill + 'static>(
-        &mut self,
-        skill: S,
-    ) -> Option<Arc<dyn ErasedSkill>> {
+    pub fn register<S: ErasedSkill + 'static>(&mut self, skill: S) -> Option<Arc<dyn ErasedSkill>> {
         self.register_arc(Arc::new(skill))
     }
 
@@ -290,7 +287,11 @@ mod tests {
         fn description(&self) -> &'static str {
             "A double."
         }
-        async fn run(&self, _: EchoIn, _: &SkillContext) -> Result<StepResult<EchoOut>, SkillError> {
+        async fn run(
+            &self,
+            _: EchoIn,
+            _: &SkillContext,
+        ) -> Result<StepResult<EchoOut>, SkillError> {
             Ok(StepResult::new(EchoOut {
                 echoed: "fake".into(),
             }))
@@ -336,7 +337,11 @@ mod tests {
         let reg = SkillRegistry::new().with(Echo);
         let ctx = SkillContext::new(".");
         let err = rt()
-            .block_on(reg.call_json("echo", serde_json::json!({"text": "a", "times": "two"}), &ctx))
+            .block_on(reg.call_json(
+                "echo",
+                serde_json::json!({"text": "a", "times": "two"}),
+                &ctx,
+            ))
             .unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidInput);
         assert_eq!(err.field.as_deref(), Some("times"));

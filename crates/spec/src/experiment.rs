@@ -468,7 +468,12 @@ fn default_methods() -> Vec<PeftMethod> {
     vec![PeftMethod::Lora]
 }
 
-const KNOWN_METRICS: [&str; 4] = ["eval_loss", "eval_perplexity", "final_loss", "delta_vs_base_loss"];
+const KNOWN_METRICS: [&str; 4] = [
+    "eval_loss",
+    "eval_perplexity",
+    "final_loss",
+    "delta_vs_base_loss",
+];
 
 impl ExperimentFile {
     /// Semantic checks, with paths as the user wrote them.
@@ -492,7 +497,12 @@ impl ExperimentFile {
                     .hint("point it at a .jsonl, .json, .csv or .parquet file or a dataset folder"),
             );
         }
-        if self.config.base_model.as_deref().is_none_or(|m| m.trim().is_empty()) {
+        if self
+            .config
+            .base_model
+            .as_deref()
+            .is_none_or(|m| m.trim().is_empty())
+        {
             out.push(
                 Issue::new("config.base_model", "is required but missing").hint(
                     "a local Hugging Face folder (e.g. the one `cargo xtask setup` imports) or a hub id",
@@ -508,11 +518,18 @@ impl ExperimentFile {
         if let Some(s) = &self.search_space {
             out.extend(s.check().into_iter().map(|i| i.under("search_space")));
         }
-        out.extend(self.protocol.check().into_iter().map(|i| i.under("protocol")));
+        out.extend(
+            self.protocol
+                .check()
+                .into_iter()
+                .map(|i| i.under("protocol")),
+        );
         if let Some(v) = self.resources.vram_limit_gb
             && !(v.is_finite() && v > 0.0)
         {
-            out.push(Issue::new("resources.vram_limit_gb", "must be positive").hint("for example 24"));
+            out.push(
+                Issue::new("resources.vram_limit_gb", "must be positive").hint("for example 24"),
+            );
         }
         if self.resources.threads == Some(0) {
             out.push(Issue::new("resources.threads", "must be at least 1"));
@@ -587,7 +604,10 @@ impl ProtocolSection {
         }
         for (k, v) in &self.cost_per_device_hour {
             if !(v.is_finite() && *v >= 0.0) {
-                out.push(Issue::new(format!("cost_per_device_hour.{k}"), "must be >= 0"));
+                out.push(Issue::new(
+                    format!("cost_per_device_hour.{k}"),
+                    "must be >= 0",
+                ));
             }
         }
         if let Some(l) = self.early_stop_loss
@@ -634,7 +654,9 @@ impl ProtocolSection {
                                 "ablation.param",
                                 format!("`{p}` is not a trial parameter"),
                             );
-                            if let Some(s) = crate::load::suggest(p, fields.iter().map(String::as_str)) {
+                            if let Some(s) =
+                                crate::load::suggest(p, fields.iter().map(String::as_str))
+                            {
                                 i = i.hint(format!("did you mean `{s}`?"));
                             }
                             out.push(i);
@@ -694,8 +716,16 @@ pub fn trial_fields() -> Vec<String> {
         .and_then(|v| v.as_object().map(|m| m.keys().cloned().collect::<Vec<_>>()))
         .map(|mut v| {
             v.extend(
-                ["base_model", "max_steps", "warmup_steps", "quantization_bits", "eval_steps", "save_steps", "early_stop_loss"]
-                    .map(String::from),
+                [
+                    "base_model",
+                    "max_steps",
+                    "warmup_steps",
+                    "quantization_bits",
+                    "eval_steps",
+                    "save_steps",
+                    "early_stop_loss",
+                ]
+                .map(String::from),
             );
             v.sort();
             v.dedup();
@@ -723,12 +753,26 @@ impl ExperimentSpec {
         if self.methods.is_empty() {
             out.push(Issue::new("methods", "must name at least one method").hint("[lora]"));
         }
-        out.extend(self.base_config.check().into_iter().map(|i| i.under("base_config")));
-        out.extend(self.search_space.check().into_iter().map(|i| i.under("search_space")));
+        out.extend(
+            self.base_config
+                .check()
+                .into_iter()
+                .map(|i| i.under("base_config")),
+        );
+        out.extend(
+            self.search_space
+                .check()
+                .into_iter()
+                .map(|i| i.under("search_space")),
+        );
         // The flat fields are authoritative; check the protocol section without them.
         let mut p = self.protocol.clone();
         p.trials = self.max_trials.max(1);
-        p.budget_gpu_hours = if self.budget_gpu_hours > 0.0 { self.budget_gpu_hours } else { 1.0 };
+        p.budget_gpu_hours = if self.budget_gpu_hours > 0.0 {
+            self.budget_gpu_hours
+        } else {
+            1.0
+        };
         p.stop_metric = self.stop_metric.clone();
         p.stop_patience = self.stop_patience;
         out.extend(p.check().into_iter().map(|i| i.under("protocol")));
@@ -815,22 +859,25 @@ fn from_document(doc: &Document) -> Result<Loaded, SpecError> {
     if !is_object {
         let mut e = SpecError {
             file: doc.file.clone(),
-            issues: vec![Issue::new("", "an experiment must be a mapping of keys to values")
-                .hint("start with `version: \"1.0\"`")],
+            issues: vec![
+                Issue::new("", "an experiment must be a mapping of keys to values")
+                    .hint("start with `version: \"1.0\"`"),
+            ],
         };
         doc.index.annotate(&mut e.issues);
         return Err(e);
     }
-    let flat = doc.value.get("version").is_none()
-        && doc.value.get("dataset_path").is_some();
+    let flat = doc.value.get("version").is_none() && doc.value.get("dataset_path").is_some();
     if flat {
         return doc
             .decode::<ExperimentSpec>(ExperimentSpec::check)
             .map(|s| Loaded::Spec(Box::new(s)));
     }
     if doc.value.get("version").is_none() {
-        let mut issues = vec![Issue::new("version", "is required but missing")
-            .hint(format!("add `version: \"{SPEC_VERSION}\"` at the top"))];
+        let mut issues = vec![
+            Issue::new("version", "is required but missing")
+                .hint(format!("add `version: \"{SPEC_VERSION}\"` at the top")),
+        ];
         doc.index.annotate(&mut issues);
         return Err(SpecError {
             file: doc.file.clone(),
@@ -844,11 +891,15 @@ fn from_document(doc: &Document) -> Result<Loaded, SpecError> {
             other => other.to_string(),
         };
         if as_text != SPEC_VERSION {
-            let mut issues = vec![Issue::new(
-                "version",
-                format!("spec version \"{as_text}\" is not supported by this build"),
-            )
-            .hint(format!("this build reads version \"{SPEC_VERSION}\" (write it quoted)"))];
+            let mut issues = vec![
+                Issue::new(
+                    "version",
+                    format!("spec version \"{as_text}\" is not supported by this build"),
+                )
+                .hint(format!(
+                    "this build reads version \"{SPEC_VERSION}\" (write it quoted)"
+                )),
+            ];
             doc.index.annotate(&mut issues);
             return Err(SpecError {
                 file: doc.file.clone(),
@@ -953,7 +1004,10 @@ output:
         let i = first_issue(&SEED_000.replace("learning_rate: 2e-4", "learning_rate: fast"));
         assert_eq!(i.path, "config.learning_rate");
         assert_eq!(i.line, Some(13));
-        let i = first_issue(&SEED_000.replace("budget_gpu_hours: 10.0", "budget_gpu_hours: 10.0\n  budget: 3"));
+        let i = first_issue(&SEED_000.replace(
+            "budget_gpu_hours: 10.0",
+            "budget_gpu_hours: 10.0\n  budget: 3",
+        ));
         assert_eq!(i.path, "protocol.budget");
     }
 

@@ -330,7 +330,10 @@ pub fn unknown_keys<T: JsonSchema>(value: &Value) -> Vec<Issue> {
 fn object_properties(schema: &Value) -> Option<(&Map<String, Value>, bool)> {
     let props = schema.get("properties")?.as_object()?;
     // A struct schema is closed unless it explicitly allows more properties.
-    let open = matches!(schema.get("additionalProperties"), Some(Value::Object(_)) | Some(Value::Bool(true)));
+    let open = matches!(
+        schema.get("additionalProperties"),
+        Some(Value::Object(_)) | Some(Value::Bool(true))
+    );
     Some((props, open))
 }
 
@@ -437,7 +440,11 @@ impl Builder {
             None => String::new(),
             Some(Frame::Map { key, path, .. }) => {
                 let k = key.clone().unwrap_or_default();
-                if path.is_empty() { k } else { format!("{path}.{k}") }
+                if path.is_empty() {
+                    k
+                } else {
+                    format!("{path}.{k}")
+                }
             }
             Some(Frame::Seq { arr, path, .. }) => format!("{path}[{}]", arr.len()),
         }
@@ -534,7 +541,11 @@ impl MarkedEventReceiver for Builder {
                         other => other.to_string(),
                     };
                     if let Some(Frame::Map { path, .. }) = self.stack.last() {
-                        let p = if path.is_empty() { key } else { format!("{path}.{key}") };
+                        let p = if path.is_empty() {
+                            key
+                        } else {
+                            format!("{path}.{key}")
+                        };
                         self.index
                             .lines
                             .entry(p)
@@ -579,7 +590,11 @@ impl MarkedEventReceiver for Builder {
                     self.note_line(mark);
                     self.push_value(v, 0, mark);
                 }
-                None => self.fail(mark, "alias to an unknown anchor", "define the anchor (&name) before using it (*name)"),
+                None => self.fail(
+                    mark,
+                    "alias to an unknown anchor",
+                    "define the anchor (&name) before using it (*name)",
+                ),
             },
             _ => {}
         }
@@ -605,8 +620,9 @@ fn yaml_to_value(text: &str) -> Result<(Value, LineIndex), Issue> {
             .hint("keep one experiment per file (remove the extra `---`)"));
     }
     match b.root {
-        Some(Value::Null) | None => Err(Issue::new("", "the file is empty")
-            .hint("an experiment needs at least `version`, `dataset.path` and `config.base_model`")),
+        Some(Value::Null) | None => Err(Issue::new("", "the file is empty").hint(
+            "an experiment needs at least `version`, `dataset.path` and `config.base_model`",
+        )),
         Some(v) => Ok((v, b.index)),
     }
 }
@@ -686,10 +702,22 @@ mod tests {
     fn scientific_notation_is_a_number() {
         let d = parse("name: x\nconfig:\n  lora_rank: 4\n  learning_rate: 2e-4\n").unwrap();
         assert_eq!(d.config.learning_rate, 0.0002);
-        assert_eq!(resolve_scalar("1_000", TScalarStyle::Plain, None), Value::from(1000));
-        assert_eq!(resolve_scalar("2e-4", TScalarStyle::DoubleQuoted, None), Value::from("2e-4"));
-        assert_eq!(resolve_scalar("1.5.2", TScalarStyle::Plain, None), Value::from("1.5.2"));
-        assert_eq!(resolve_scalar("yes", TScalarStyle::Plain, None), Value::from("yes"));
+        assert_eq!(
+            resolve_scalar("1_000", TScalarStyle::Plain, None),
+            Value::from(1000)
+        );
+        assert_eq!(
+            resolve_scalar("2e-4", TScalarStyle::DoubleQuoted, None),
+            Value::from("2e-4")
+        );
+        assert_eq!(
+            resolve_scalar("1.5.2", TScalarStyle::Plain, None),
+            Value::from("1.5.2")
+        );
+        assert_eq!(
+            resolve_scalar("yes", TScalarStyle::Plain, None),
+            Value::from("yes")
+        );
     }
 
     #[test]
@@ -736,7 +764,11 @@ mod tests {
     #[test]
     fn empty_and_duplicate_keys_are_errors() {
         assert!(parse("").unwrap_err().issues[0].message.contains("empty"));
-        assert!(parse("# only a comment\n").unwrap_err().issues[0].message.contains("empty"));
+        assert!(
+            parse("# only a comment\n").unwrap_err().issues[0]
+                .message
+                .contains("empty")
+        );
         let e = parse("name: x\nname: y\n").unwrap_err();
         assert!(e.issues[0].message.contains("duplicate"));
     }

@@ -15,7 +15,14 @@ pub const END: &str = "<!-- END GENERATED REFERENCE -->";
 
 fn type_of(s: &Value) -> String {
     if let Some(vals) = s.get("enum").and_then(Value::as_array) {
-        let v: Vec<String> = vals.iter().map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string())).collect();
+        let v: Vec<String> = vals
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .collect();
         return format!("one of {}", v.join(" \\| "));
     }
     if let Some(c) = s.get("const") {
@@ -23,11 +30,7 @@ fn type_of(s: &Value) -> String {
     }
     for key in ["anyOf", "oneOf"] {
         if let Some(items) = s.get(key).and_then(Value::as_array) {
-            let parts: Vec<String> = items
-                .iter()
-                .map(type_of)
-                .filter(|t| t != "null")
-                .collect();
+            let parts: Vec<String> = items.iter().map(type_of).filter(|t| t != "null").collect();
             let mut parts = parts;
             parts.dedup();
             return parts.join(" or ");
@@ -72,15 +75,33 @@ fn object_props(s: &Value) -> Option<&serde_json::Map<String, Value>> {
     None
 }
 
-fn walk(schema: &Value, prefix: &str, defaults: Option<&Value>, required: &[String], rows: &mut Vec<String>) {
-    let Some(props) = object_props(schema) else { return };
+fn walk(
+    schema: &Value,
+    prefix: &str,
+    defaults: Option<&Value>,
+    required: &[String],
+    rows: &mut Vec<String>,
+) {
+    let Some(props) = object_props(schema) else {
+        return;
+    };
     for (k, s) in props {
-        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         let default: String = s
             .get("default")
             .or_else(|| defaults.and_then(|d| d.get(k)))
             .map(|d| format!("`{d}`"))
-            .unwrap_or_else(|| if required.contains(k) { "required".into() } else { "none".into() });
+            .unwrap_or_else(|| {
+                if required.contains(k) {
+                    "required".into()
+                } else {
+                    "none".into()
+                }
+            });
         let desc = s
             .get("description")
             .and_then(Value::as_str)
@@ -88,14 +109,26 @@ fn walk(schema: &Value, prefix: &str, defaults: Option<&Value>, required: &[Stri
             .replace('\n', " ")
             .replace('|', "\\|");
         let nested = object_props(s).is_some();
-        let default = if nested && !required.contains(k) { "see below".to_string() } else { default };
-        let ty = if nested { "section".to_string() } else { type_of(s) };
+        let default = if nested && !required.contains(k) {
+            "see below".to_string()
+        } else {
+            default
+        };
+        let ty = if nested {
+            "section".to_string()
+        } else {
+            type_of(s)
+        };
         rows.push(format!("| `{path}` | {ty} | {default} | {desc} |"));
         if nested {
             let req: Vec<String> = s
                 .get("required")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             let sub_defaults = s.get("default").or_else(|| defaults.and_then(|d| d.get(k)));
             walk(s, &path, sub_defaults, &req, rows);
@@ -107,7 +140,11 @@ fn table(title: &str, schema: Value, defaults: Option<Value>) -> String {
     let req: Vec<String> = schema
         .get("required")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     let mut rows = Vec::new();
     walk(&schema, "", defaults.as_ref(), &req, &mut rows);
@@ -119,7 +156,8 @@ fn table(title: &str, schema: Value, defaults: Option<Value>) -> String {
 
 /// The generated reference (markdown, between [`BEGIN`] and [`END`]).
 pub fn spec_reference() -> String {
-    let exp = serde_json::to_value(lora_skill::schema_of::<ExperimentFile>()).unwrap_or(Value::Null);
+    let exp =
+        serde_json::to_value(lora_skill::schema_of::<ExperimentFile>()).unwrap_or(Value::Null);
     let trial_defaults = serde_json::to_value(crate::TrialConfig::default()).ok();
     let mut exp_defaults = serde_json::Map::new();
     if let Some(t) = trial_defaults {
@@ -129,8 +167,16 @@ pub fn spec_reference() -> String {
     let tc_defaults = serde_json::to_value(TrainingConfig::default()).ok();
     format!(
         "{BEGIN}\n\n{}\n{}{END}\n",
-        table("Experiment document (YAML or JSON)", exp, Some(Value::Object(exp_defaults))),
-        table("TrainingConfig file (seed 003, `--config-file`)", tc, tc_defaults),
+        table(
+            "Experiment document (YAML or JSON)",
+            exp,
+            Some(Value::Object(exp_defaults))
+        ),
+        table(
+            "TrainingConfig file (seed 003, `--config-file`)",
+            tc,
+            tc_defaults
+        ),
     )
 }
 
@@ -154,7 +200,10 @@ mod tests {
         ] {
             assert!(r.contains(key), "{key} missing from the reference");
         }
-        assert!(r.contains("| `config.lora_rank` | integer | `16` |"), "defaults shown");
+        assert!(
+            r.contains("| `config.lora_rank` | integer | `16` |"),
+            "defaults shown"
+        );
     }
 
     #[test]

@@ -350,43 +350,123 @@ impl TrainingConfig {
         if self.lora.r == 0 {
             out.push(Issue::new("lora.r", "must be at least 1").hint("seed 003 range: 4-64"));
         }
-        range(&mut out, "lora.alpha", self.lora.alpha, 1e-6, 1e6, "seed 003 range: 8-32");
-        range(&mut out, "lora.dropout", self.lora.dropout, 0.0, 0.9, "seed 003 range: 0.0-0.1");
-        range(&mut out, "optimizer.learning_rate", self.optimizer.learning_rate, 1e-9, 1.0, "seed 003 range: 1e-5-5e-4");
-        range(&mut out, "optimizer.warmup_ratio", self.optimizer.warmup_ratio, 0.0, 0.5, "seed 003 range: 0.0-0.2");
-        range(&mut out, "optimizer.weight_decay", self.optimizer.weight_decay, 0.0, 1.0, "seed 003 range: 0.0-0.1");
-        range(&mut out, "optimizer.max_grad_norm", self.optimizer.max_grad_norm, 0.0, 1e6, "1.0 is common");
+        range(
+            &mut out,
+            "lora.alpha",
+            self.lora.alpha,
+            1e-6,
+            1e6,
+            "seed 003 range: 8-32",
+        );
+        range(
+            &mut out,
+            "lora.dropout",
+            self.lora.dropout,
+            0.0,
+            0.9,
+            "seed 003 range: 0.0-0.1",
+        );
+        range(
+            &mut out,
+            "optimizer.learning_rate",
+            self.optimizer.learning_rate,
+            1e-9,
+            1.0,
+            "seed 003 range: 1e-5-5e-4",
+        );
+        range(
+            &mut out,
+            "optimizer.warmup_ratio",
+            self.optimizer.warmup_ratio,
+            0.0,
+            0.5,
+            "seed 003 range: 0.0-0.2",
+        );
+        range(
+            &mut out,
+            "optimizer.weight_decay",
+            self.optimizer.weight_decay,
+            0.0,
+            1.0,
+            "seed 003 range: 0.0-0.1",
+        );
+        range(
+            &mut out,
+            "optimizer.max_grad_norm",
+            self.optimizer.max_grad_norm,
+            0.0,
+            1e6,
+            "1.0 is common",
+        );
         if self.batch.batch_size == 0 {
-            out.push(Issue::new("batch.batch_size", "must be at least 1").hint("seed 003 range: 4-32"));
+            out.push(
+                Issue::new("batch.batch_size", "must be at least 1").hint("seed 003 range: 4-32"),
+            );
         }
         if self.batch.gradient_accumulation_steps == 0 {
-            out.push(Issue::new("batch.gradient_accumulation_steps", "must be at least 1"));
+            out.push(Issue::new(
+                "batch.gradient_accumulation_steps",
+                "must be at least 1",
+            ));
         }
         if self.data.max_seq_length < 8 {
-            out.push(Issue::new("data.max_seq_length", "must be at least 8").hint("seed 003 range: 256-4096"));
+            out.push(
+                Issue::new("data.max_seq_length", "must be at least 8")
+                    .hint("seed 003 range: 256-4096"),
+            );
         }
         range(&mut out, "epochs", self.epochs, 1e-6, 1e4, "for example 3");
-        range(&mut out, "grpo.beta", self.grpo.beta, 0.0, 10.0, "seed 003 range: 0.01-0.16");
+        range(
+            &mut out,
+            "grpo.beta",
+            self.grpo.beta,
+            0.0,
+            10.0,
+            "seed 003 range: 0.01-0.16",
+        );
         if self.grpo.num_generations < 2 {
-            out.push(Issue::new("grpo.num_generations", "must be at least 2").hint("seed 003 range: 2-8"));
+            out.push(
+                Issue::new("grpo.num_generations", "must be at least 2")
+                    .hint("seed 003 range: 2-8"),
+            );
         }
-        for (prefix, r) in [("reward", Some(&self.reward)), ("grpo.reward", self.grpo.reward.as_ref())] {
+        for (prefix, r) in [
+            ("reward", Some(&self.reward)),
+            ("grpo.reward", self.grpo.reward.as_ref()),
+        ] {
             let Some(r) = r else { continue };
             for (k, v) in [
                 ("format_weight", r.weights.format_weight),
                 ("schema_weight", r.weights.schema_weight),
                 ("audio_weight", r.weights.audio_weight),
             ] {
-                range(&mut out, &format!("{prefix}.weights.{k}"), v, 0.0, 1.0, "weights are in [0, 1]");
+                range(
+                    &mut out,
+                    &format!("{prefix}.weights.{k}"),
+                    v,
+                    0.0,
+                    1.0,
+                    "weights are in [0, 1]",
+                );
             }
             if r.reward_type == RewardType::Custom && r.custom_scorer_path.is_none() {
                 out.push(
-                    Issue::new(format!("{prefix}.custom_scorer_path"), "is required for reward_type: custom")
-                        .hint("path of the scorer"),
+                    Issue::new(
+                        format!("{prefix}.custom_scorer_path"),
+                        "is required for reward_type: custom",
+                    )
+                    .hint("path of the scorer"),
                 );
             }
         }
-        range(&mut out, "noise.error_rate", self.noise.error_rate, 0.0, 0.5, "seed 003 range: 0.0-0.5");
+        range(
+            &mut out,
+            "noise.error_rate",
+            self.noise.error_rate,
+            0.0,
+            0.5,
+            "seed 003 range: 0.0-0.5",
+        );
         out
     }
 
@@ -468,8 +548,15 @@ impl TrainingConfig {
                 ..DataSection::default()
             },
             logging: LoggingSection {
-                save_strategy: if t.save_steps.is_some() { SaveStrategy::Steps } else { SaveStrategy::No },
-                save_steps: t.save_steps.map(|s| s.min(u64::from(u32::MAX)) as u32).unwrap_or(500),
+                save_strategy: if t.save_steps.is_some() {
+                    SaveStrategy::Steps
+                } else {
+                    SaveStrategy::No
+                },
+                save_steps: t
+                    .save_steps
+                    .map(|s| s.min(u64::from(u32::MAX)) as u32)
+                    .unwrap_or(500),
                 eval_steps: t.eval_steps.map(|s| s.min(u64::from(u32::MAX)) as u32),
                 ..LoggingSection::default()
             },
@@ -570,7 +657,10 @@ pub fn parse_preset(s: &str) -> Result<Vec<Preset>, Issue> {
     if all.is_empty() {
         let mut i = Issue::new("", format!("unknown preset group `{group}`"));
         i = match suggest(group, groups.iter().copied()) {
-            Some(g) => i.hint(format!("did you mean `{g}`? (groups: {})", groups.join(", "))),
+            Some(g) => i.hint(format!(
+                "did you mean `{g}`? (groups: {})",
+                groups.join(", ")
+            )),
             None => i.hint(format!("groups: {}", groups.join(", "))),
         };
         return Err(i);
@@ -583,7 +673,10 @@ pub fn parse_preset(s: &str) -> Result<Vec<Preset>, Issue> {
                 let names: Vec<&str> = all.iter().map(|p| p.variant.as_str()).collect();
                 let mut i = Issue::new("", format!("unknown variant `{v}` of preset `{group}`"));
                 i = match suggest(v, names.iter().copied()) {
-                    Some(s) => i.hint(format!("did you mean `{group}:{s}`? (variants: {})", names.join(", "))),
+                    Some(s) => i.hint(format!(
+                        "did you mean `{group}:{s}`? (variants: {})",
+                        names.join(", ")
+                    )),
                     None => i.hint(format!("variants: {}", names.join(", "))),
                 };
                 Err(i)
@@ -602,12 +695,16 @@ fn set_path(root: &mut Value, path: &str, value: Value) {
         if !cur.is_object() {
             *cur = Value::Object(Default::default());
         }
-        let Some(obj) = cur.as_object_mut() else { return };
+        let Some(obj) = cur.as_object_mut() else {
+            return;
+        };
         if i + 1 == parts.len() {
             obj.insert((*part).to_string(), value);
             return;
         }
-        cur = obj.entry((*part).to_string()).or_insert_with(|| Value::Object(Default::default()));
+        cur = obj
+            .entry((*part).to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
     }
 }
 
@@ -615,7 +712,12 @@ fn set_path(root: &mut Value, path: &str, value: Value) {
 fn parse_override_value(text: &str) -> Result<Value, Issue> {
     Document::parse(&format!("v: {text}"), "--set", Syntax::Yaml)
         .map(|d| d.value.get("v").cloned().unwrap_or(Value::Null))
-        .map_err(|e| e.issues.into_iter().next().unwrap_or_else(|| Issue::new("", "bad value")))
+        .map_err(|e| {
+            e.issues
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| Issue::new("", "bad value"))
+        })
 }
 
 /// Builds a `TrainingConfig` from an optional config file, then dotted
@@ -661,7 +763,10 @@ pub fn load_training_config_over(
     let mut issues = crate::load::unknown_keys::<TrainingConfig>(&doc.value);
     if !issues.is_empty() {
         doc.index.annotate(&mut issues);
-        return Err(SpecError { file: file_name, issues });
+        return Err(SpecError {
+            file: file_name,
+            issues,
+        });
     }
     if let Some(b) = base {
         let mut merged = serde_json::to_value(b).unwrap_or(Value::Null);
@@ -671,7 +776,8 @@ pub fn load_training_config_over(
     for o in overrides {
         let Some((key, val)) = o.split_once('=') else {
             return Err(fail(
-                Issue::new("", format!("`{o}` is not key=value")).hint("for example optimizer.learning_rate=1e-4"),
+                Issue::new("", format!("`{o}` is not key=value"))
+                    .hint("for example optimizer.learning_rate=1e-4"),
                 "--set",
             ));
         };
@@ -689,8 +795,10 @@ pub fn load_training_config_over(
         let presets = parse_preset(p).map_err(|i| fail(i, "--ablation-preset"))?;
         if presets.len() != 1 {
             return Err(fail(
-                Issue::new("", format!("`{p}` names a whole preset group"))
-                    .hint(format!("pick one variant, e.g. {}:{}", presets[0].group, presets[0].variant)),
+                Issue::new("", format!("`{p}` names a whole preset group")).hint(format!(
+                    "pick one variant, e.g. {}:{}",
+                    presets[0].group, presets[0].variant
+                )),
                 "--ablation-preset",
             ));
         }
@@ -712,7 +820,10 @@ pub fn load_training_config_over(
     let mut issues = cfg.check();
     if !issues.is_empty() {
         doc.index.annotate(&mut issues);
-        return Err(SpecError { file: file_name, issues });
+        return Err(SpecError {
+            file: file_name,
+            issues,
+        });
     }
     Ok(cfg)
 }
@@ -772,7 +883,10 @@ mod tests {
         let (_d, p) = write(SEED_003_FILE);
         let c = load_training_config(
             Some(&p),
-            &["optimizer.learning_rate=5e-5".into(), "batch.batch_size=8".into()],
+            &[
+                "optimizer.learning_rate=5e-5".into(),
+                "batch.batch_size=8".into(),
+            ],
             Some("lora_rank:r4"),
         )
         .unwrap();
@@ -785,7 +899,13 @@ mod tests {
     fn bad_override_and_preset_are_named() {
         let e = load_training_config(None, &["optimizer.learning_rat=1".into()], None).unwrap_err();
         assert_eq!(e.file, "--set");
-        assert!(e.issues[0].hint.as_deref().unwrap().contains("learning_rate"));
+        assert!(
+            e.issues[0]
+                .hint
+                .as_deref()
+                .unwrap()
+                .contains("learning_rate")
+        );
         let e = load_training_config(None, &[], Some("lora_rank:r33")).unwrap_err();
         assert!(e.to_string().contains("variants"), "{e}");
         let e = load_training_config(None, &["lora.r=-1".into()], None).unwrap_err();
@@ -823,8 +943,14 @@ mod tests {
 
     #[test]
     fn presets_match_seed_003() {
-        let names: Vec<String> = preset_group("learning_rate").into_iter().map(|p| p.variant).collect();
-        assert_eq!(names, ["lr1e-05", "lr5e-05", "lr0.0001", "lr0.0002", "lr0.0005"]);
+        let names: Vec<String> = preset_group("learning_rate")
+            .into_iter()
+            .map(|p| p.variant)
+            .collect();
+        assert_eq!(
+            names,
+            ["lr1e-05", "lr5e-05", "lr0.0001", "lr0.0002", "lr0.0005"]
+        );
         assert_eq!(preset_group("batch_size").len(), 4);
         assert_eq!(preset_group("grpo_beta").len(), 5);
         assert_eq!(preset_group("lora_rank").len(), 5);

@@ -254,12 +254,16 @@ impl TrialConfig {
             bad("batch_size", "must be at least 1".into(), "for example 16");
         }
         if self.micro_batch_size == 0 {
-            bad("micro_batch_size", "must be at least 1".into(), "for example 4");
+            bad(
+                "micro_batch_size",
+                "must be at least 1".into(),
+                "for example 4",
+            );
         }
         if self.batch_size > 0
             && self.micro_batch_size > 0
             && self.micro_batch_size <= self.batch_size
-            && self.batch_size % self.micro_batch_size != 0
+            && !self.batch_size.is_multiple_of(self.micro_batch_size)
         {
             bad(
                 "batch_size",
@@ -278,7 +282,11 @@ impl TrialConfig {
             );
         }
         if self.max_steps == Some(0) {
-            bad("max_steps", "must be at least 1".into(), "or leave it out to use epochs");
+            bad(
+                "max_steps",
+                "must be at least 1".into(),
+                "or leave it out to use epochs",
+            );
         }
         if !(0.0..=0.5).contains(&self.warmup_ratio) {
             bad(
@@ -288,10 +296,18 @@ impl TrialConfig {
             );
         }
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            bad("weight_decay", "must be >= 0".into(), "typical values are 0.0-0.1");
+            bad(
+                "weight_decay",
+                "must be >= 0".into(),
+                "typical values are 0.0-0.1",
+            );
         }
         if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
-            bad("max_grad_norm", "must be >= 0".into(), "1.0 is common; 0 disables clipping");
+            bad(
+                "max_grad_norm",
+                "must be >= 0".into(),
+                "1.0 is common; 0 disables clipping",
+            );
         }
         if self.max_seq_length < 8 {
             bad(
@@ -320,7 +336,11 @@ impl TrialConfig {
         if let Some(l) = self.early_stop_loss
             && !(l.is_finite() && l > 0.0)
         {
-            bad("early_stop_loss", "must be a positive number".into(), "for example 10.0");
+            bad(
+                "early_stop_loss",
+                "must be a positive number".into(),
+                "for example 10.0",
+            );
         }
         const TEMPLATES: [&str; 5] = ["auto", "alpaca", "chatml", "llama3", "model"];
         if !TEMPLATES.contains(&self.prompt_template.as_str()) {
@@ -406,7 +426,10 @@ impl SearchSpace {
             out.push(
                 crate::Issue::new(
                     "lr_min",
-                    format!("lr_min {} is greater than lr_max {}", self.lr_min, self.lr_max),
+                    format!(
+                        "lr_min {} is greater than lr_max {}",
+                        self.lr_min, self.lr_max
+                    ),
                 )
                 .hint("swap them, e.g. lr_min: 1e-5, lr_max: 5e-4"),
             );
@@ -418,9 +441,21 @@ impl SearchSpace {
             );
         }
         let pairs = [
-            ("alpha_ratio_min", self.alpha_ratio_min, self.alpha_ratio_max, 0.0, f64::MAX),
+            (
+                "alpha_ratio_min",
+                self.alpha_ratio_min,
+                self.alpha_ratio_max,
+                0.0,
+                f64::MAX,
+            ),
             ("dropout_min", self.dropout_min, self.dropout_max, 0.0, 0.99),
-            ("warmup_ratio_min", self.warmup_ratio_min, self.warmup_ratio_max, 0.0, 0.5),
+            (
+                "warmup_ratio_min",
+                self.warmup_ratio_min,
+                self.warmup_ratio_max,
+                0.0,
+                0.5,
+            ),
         ];
         for (field, lo, hi, min, max) in pairs {
             if !(lo >= min && hi <= max && lo <= hi) {
@@ -432,8 +467,11 @@ impl SearchSpace {
         }
         if self.batch_size_choices.is_empty() || self.batch_size_choices.contains(&0) {
             out.push(
-                crate::Issue::new("batch_size_choices", "must be a non-empty list of sizes >= 1")
-                    .hint("for example [8, 16, 32]"),
+                crate::Issue::new(
+                    "batch_size_choices",
+                    "must be a non-empty list of sizes >= 1",
+                )
+                .hint("for example [8, 16, 32]"),
             );
         }
         if self.target_module_sets.iter().any(|s| s.is_empty()) {

@@ -60,7 +60,10 @@ pub fn json_schema_documents(reg: &SkillRegistry) -> Vec<(String, Value)> {
     for s in reg.iter() {
         let mut input = serde_json::to_value(s.input_schema()).unwrap_or(Value::Null);
         if let Some(o) = input.as_object_mut() {
-            o.insert("description".into(), Value::String(s.description().to_string()));
+            o.insert(
+                "description".into(),
+                Value::String(s.description().to_string()),
+            );
         }
         docs.push((format!("{}.input", s.name()), input));
         docs.push((
@@ -112,7 +115,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         (f, None) => output::json(&tools(&reg, f)),
         (f, Some(dir)) => {
-            let name = if f == Format::OpenaiTools { "openai-tools.json" } else { "anthropic-tools.json" };
+            let name = if f == Format::OpenaiTools {
+                "openai-tools.json"
+            } else {
+                "anthropic-tools.json"
+            };
             let path = dir.join(name);
             lora_skill::fs::write_json_atomic(&path, &tools(&reg, f))?;
             output::line(&format!("wrote {}", path.display()))

@@ -76,7 +76,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let methods: Vec<&str> = spec.methods.iter().map(|m| m.as_str()).collect();
     let rows = vec![
         vec!["experiment".into(), spec.experiment_name.clone()],
-        vec!["dataset".into(), format!("{} ({})", spec.dataset_path, name(&spec.dataset_format))],
+        vec![
+            "dataset".into(),
+            format!("{} ({})", spec.dataset_path, name(&spec.dataset_format)),
+        ],
         vec!["base model".into(), spec.base_model.clone()],
         vec!["methods".into(), methods.join(", ")],
         vec![
@@ -126,8 +129,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             format!(
                 "{} <= {} / patience {}",
                 spec.stop_metric,
-                spec.stop_threshold.map(|x| x.to_string()).unwrap_or("-".into()),
-                spec.stop_patience.map(|x| x.to_string()).unwrap_or("-".into())
+                spec.stop_threshold
+                    .map(|x| x.to_string())
+                    .unwrap_or("-".into()),
+                spec.stop_patience
+                    .map(|x| x.to_string())
+                    .unwrap_or("-".into())
             ),
         ],
         vec![
@@ -145,7 +152,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             ),
         ],
     ];
-    output::line(&format!("ok: {} is a valid experiment", args.spec.display()))?;
+    output::line(&format!(
+        "ok: {} is a valid experiment",
+        args.spec.display()
+    ))?;
     output::table(&["setting", "value"], rows)?;
     for n in not_run {
         output::line(&format!("note: parsed but not run by this build: {n}"))?;
