@@ -4,15 +4,18 @@
 //!
 //! Layout: [`config`] (config.json), [`weights`] (safetensors in/out and the
 //! load report), [`model`] (forward pass and KV cache), [`nn`] (Linear with a
-//! LoRA slot, RMSNorm, Embedding), [`lora`] (the adapter layer).
+//! LoRA slot, RMSNorm, Embedding), [`lora`] (the adapter layer), [`tokenizer`]
+//! (tokenizer.json, special tokens, chat template), [`generate`] (sampling).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))] // Tests may unwrap; library code may not.
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod lora;
 pub mod model;
 pub mod nn;
+pub mod tokenizer;
 pub mod weights;
 
 #[cfg(test)]
@@ -22,7 +25,9 @@ pub(crate) mod testutil;
 
 pub use config::{Architecture, HfConfig, ModelConfig, RopeScaling};
 pub use error::{EngineError, Result};
+pub use generate::{FinishReason, Generation, GenerationConfig, generate};
 pub use lora::LoraLayer;
 pub use model::{KvCache, LlamaModel};
 pub use nn::Linear;
+pub use tokenizer::{ChatMessage, TextTokenizer};
 pub use weights::{LoadReport, TensorStore};
