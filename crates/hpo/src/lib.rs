@@ -6,8 +6,9 @@
 //! - `bayesian`: a tree-structured Parzen estimator (good/bad Parzen densities
 //!   over the unit cube, log-scaled learning rate, categorical rank, batch size,
 //!   target set and method; candidates drawn from l(x) and scored by l(x)/g(x);
-//!   multivariate product kernels by default), after 3 space-filling trials;
-//! - `auto`: space-filling trials for the first `clamp(ceil(total/4), 4, 10)`
+//!   independent per-parameter densities by default, multivariate product
+//!   kernels on request), after 3 space-filling trials;
+//! - `auto`: space-filling trials for the first `clamp(ceil(total/5), 3, 8)`
 //!   trials, then TPE;
 //! - `bandit`: epsilon-greedy (80% perturb the best / 20% random) or UCB1 over ranks;
 //! - `halving`: ASHA over training steps fed with intermediate eval losses,
@@ -38,7 +39,7 @@ use lora_spec::contracts::names;
 
 pub use asha::rung_resources;
 pub use cost::CostModel;
-pub use study::{default_startup, latin_hypercube, suggest};
+pub use study::{default_startup, latin_hypercube, splitmix, suggest};
 
 /// Errors of the HPO library.
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +252,7 @@ mod tests {
     fn auto_starts_space_filling_then_switches_to_tpe() {
         let hist = drive(input(Strategy::Auto), 6);
         let mut inp = input(Strategy::Auto);
-        inp.trials_remaining = 14; // total 20 -> 5 startup trials
+        inp.trials_remaining = 22; // total 25 -> 5 startup trials
         inp.trial_history = hist[..3].to_vec();
         let out = suggest(&inp).unwrap();
         assert_eq!(out.n_startup_trials, 5);
@@ -262,6 +263,7 @@ mod tests {
                 .contains("Latin-hypercube point 4 of 5")
         );
         inp.trial_history = hist[..5].to_vec();
+        inp.trials_remaining = 20;
         let out = suggest(&inp).unwrap();
         assert_eq!(out.strategy_used, Strategy::Bayesian);
         assert!(
