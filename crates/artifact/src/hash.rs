@@ -26,6 +26,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use lora_skill::SkillContext;
 use sha2::{Digest, Sha256};
@@ -48,6 +49,48 @@ pub struct FileEntry {
     pub size: u64,
     /// Where the file was read from.
     pub source: PathBuf,
+    /// What the source looked like when it was hashed.
+    pub(crate) stamp: Stamp,
+}
+
+/// A file's size, modification time and identity: if none of them changed,
+/// the bytes did not either (unless the file was written within the
+/// filesystem's timestamp granularity, see [`Stamp::is_recent`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    len: u64,
+    modified: Option<SystemTime>,
+    id: (u64, u64),
+}
+
+impl Stamp {
+    /// The stamp of `path` now.
+    pub(crate) fn of(path: &Path) -> io::Result<Self> {
+        let m = fs::metadata(path)?;
+        #[cfg(unix)]
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        };
+        #[cfg(not(unix))]
+        let id = (0, 0);
+        Ok(Self {
+            len: m.len(),
+            modified: m.modified().ok(),
+            id,
+        })
+    }
+
+    /// Modified less than two seconds ago (or at an unknown time): a later
+    /// write could keep the same timestamp, so the stamp cannot be trusted.
+    pub(crate) fn is_recent(&self) -> bool {
+        match self.modified {
+            Some(m) => SystemTime::now()
+                .duration_since(m)
+                .map_or(true, |d| d < Duration::from_secs(2)),
+            None => true,
+        }
+    }
 }
 
 /// An adapter folder's files and hash.
@@ -223,6 +266,7 @@ pub fn hash_adapter_dir_in(dir: &Path, ctx: Option<&SkillContext>) -> Result<Tre
                 _ => Ok(()),
             }
         };
+        let stamp = Stamp::of(&path).map_err(|e| ArtifactError::io(&path, e))?;
         let (sha256, size) = hash_file_with(&path, &mut tick).map_err(|e| {
             if ctx.is_some_and(|c| c.is_cancelled()) {
                 ArtifactError::Cancelled
@@ -230,11 +274,16 @@ pub fn hash_adapter_dir_in(dir: &Path, ctx: Option<&SkillContext>) -> Result<Tre
                 ArtifactError::io(&path, e)
             }
         })?;
+        let after = Stamp::of(&path).map_err(|e| ArtifactError::io(&path, e))?;
+        if after != stamp || size != stamp.len {
+            return Err(ArtifactError::SourceChanged { path });
+        }
         files.push(FileEntry {
             path: rel,
             sha256,
             size,
             source: path,
+            stamp,
         });
     }
     if let Some(p) = progress {

@@ -534,14 +534,39 @@ impl ArtifactStore {
             let blob = layout.blob(&f.sha256);
             let mut changed = false;
             let mut cancelled = false;
+            // A source untouched for a while whose stamp is unchanged after the copy
+            // has the bytes it was hashed with: let the kernel copy it (copy_file_range,
+            // a reflink on CoW filesystems). A recently written one is re-hashed while
+            // copied, because a write within the timestamp granularity leaves no trace.
+            let trust_stamp = !f.stamp.is_recent();
             let r = lora_skill::fs::write_atomic_with(&blob, |out| {
                 let mut perms = out.metadata()?.permissions();
                 perms.set_readonly(true);
                 out.set_permissions(perms)?;
                 let mut input = File::open(&f.source)?;
+                let mut n_total = 0u64;
+                if trust_stamp {
+                    loop {
+                        let n = io::copy(&mut Read::take(&input, 64 << 20), out)?;
+                        if n == 0 {
+                            break;
+                        }
+                        n_total += n;
+                        done += n;
+                        progress.update(done, None, &[]);
+                        if ctx.is_cancelled() {
+                            cancelled = true;
+                            return Err(io::Error::other("cancelled"));
+                        }
+                    }
+                    if n_total != f.size || hash::Stamp::of(&f.source)? != f.stamp {
+                        changed = true;
+                        return Err(io::Error::other("source changed"));
+                    }
+                    return Ok(());
+                }
                 let mut h = Sha256::new();
                 let mut buf = vec![0u8; 1 << 20];
-                let mut n_total = 0u64;
                 loop {
                     let n = match input.read(&mut buf) {
                         Ok(0) => break,
@@ -1533,6 +1558,48 @@ mod tests {
         assert_eq!(e.kind, lora_skill::ErrorKind::NotFound);
         assert!(e.hint.is_some());
         assert!(s.list(None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_source_changed_between_hash_and_copy_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut s = ArtifactStore::open(tmp.path().join("store")).unwrap();
+        // Old files take the kernel-copy path (stamp check), fresh ones the re-hashing path.
+        for old in [true, false] {
+            let a = tmp.path().join(format!("a-{old}"));
+            adapter(&a, if old { 1 } else { 2 });
+            let w = a.join("adapter_model.safetensors");
+            if old {
+                let past = std::time::SystemTime::now() - Duration::from_secs(3600);
+                File::options()
+                    .write(true)
+                    .open(&w)
+                    .unwrap()
+                    .set_modified(past)
+                    .unwrap();
+            }
+            let e = s
+                .store_observed(&input(&a, 1, 0.5, &[]), &ctx(), &mut |phase| {
+                    if phase == StorePhase::Hashed {
+                        // Same size, other bytes: only the content (or the stamp) tells.
+                        let mut b = fs::read(&w).unwrap();
+                        b[10] ^= 1;
+                        fs::write(&w, &b).unwrap();
+                    }
+                })
+                .unwrap_err();
+            assert!(
+                matches!(e, ArtifactError::SourceChanged { .. }),
+                "old={old}: {e}"
+            );
+            assert!(s.list(None).unwrap().is_empty());
+        }
+        // Nothing half-written: no temporary files, no blob for the changed weights.
+        let leftovers: Vec<_> = blob_files(s.root())
+            .into_iter()
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]
