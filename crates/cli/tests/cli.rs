@@ -81,7 +81,7 @@ fn twelve_broken_specs_exit_2_and_name_the_field_or_line() {
         (
             "lr_range.yaml",
             format!("{SEED_000}search_space:\n  lr_min: 0.01\n  lr_max: 0.0001\n"),
-            vec!["search_space.lr_min", ":31:"],
+            vec!["search_space.lr_min", ":32:"],
         ),
         (
             "protocol.yaml",
