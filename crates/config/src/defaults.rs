@@ -273,6 +273,10 @@ pub fn smart_defaults(req: &DefaultsRequest<'_>, coef: &MemoryCoefficients) -> S
         if mb > target {
             mb /= 2;
         }
+        // A CPU gains little from wide micro-batches; keep memory modest.
+        if req.device.is_cpu() {
+            mb = mb.min(4);
+        }
         while mb >= 1 {
             let s = TrainSetup {
                 micro_batch_size: mb,
@@ -517,6 +521,20 @@ mod tests {
         );
         assert_eq!(tight.trial.batch_size, roomy.trial.batch_size);
         assert_eq!(tight.strategy.mixed_precision, "fp16");
+    }
+
+    #[test]
+    fn cpu_keeps_micro_batches_small() {
+        let f = resolve_model("HuggingFaceTB/SmolLM2-135M", &ResolveOptions::default()).unwrap();
+        let cpu = device::DeviceSpec::cpu(2, 24.0);
+        let data = DatasetInfo::from_profile(&json!({"total_samples": 30000, "max_tokens": 200}));
+        let out = smart_defaults(
+            &req(&f, PeftMethod::Lora, &data, &cpu, 24.0),
+            &MemoryCoefficients::default(),
+        );
+        assert_eq!(out.trial.micro_batch_size, 4);
+        assert_eq!(out.trial.batch_size, 32);
+        assert_eq!(out.strategy.mixed_precision, "fp32");
     }
 
     #[test]
