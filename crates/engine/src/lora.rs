@@ -606,7 +606,9 @@ mod tests {
         use tch::{Device, Kind, Tensor};
 
         fn load(arch: &str) -> LlamaModel {
-            LlamaModel::load(&tiny_models().join(arch), Kind::Float, Device::Cpu).unwrap().0
+            LlamaModel::load(&tiny_models().join(arch), Kind::Float, Device::Cpu)
+                .unwrap()
+                .0
         }
 
         fn ids() -> Tensor {
@@ -620,7 +622,11 @@ mod tests {
             tch::manual_seed(1);
             let spec = LoraSpec::new(4, 8.0, 0.0, false, &["all-linear".into()]);
             let names = attach(&mut m, &spec).unwrap();
-            assert_eq!(names.len(), 2 * 7, "all-linear = 7 projections per layer, not lm_head");
+            assert_eq!(
+                names.len(),
+                2 * 7,
+                "all-linear = 7 projections per layer, not lm_head"
+            );
             let after = tch::no_grad(|| m.forward(&ids(), None, None).unwrap());
             assert_eq!(max_abs_diff(&before, &after), 0.0);
             for (name, t) in m.state_dict() {
@@ -670,8 +676,13 @@ mod tests {
             let model_dir = tiny_models().join("qwen2");
             run_python(
                 "peft_parity.py",
-                &["logits", model_dir.to_str().unwrap(), adapter.to_str().unwrap(),
-                  ids_file.to_str().unwrap(), out.to_str().unwrap()],
+                &[
+                    "logits",
+                    model_dir.to_str().unwrap(),
+                    adapter.to_str().unwrap(),
+                    ids_file.to_str().unwrap(),
+                    out.to_str().unwrap(),
+                ],
             );
             let theirs = Tensor::read_safetensors(&out).unwrap().remove(0).1;
             let d = max_abs_diff(&ours, &theirs);
@@ -689,15 +700,27 @@ mod tests {
             let model_dir = tiny_models().join("llama");
             run_python(
                 "peft_parity.py",
-                &["make", model_dir.to_str().unwrap(), adapter.to_str().unwrap(),
-                  "--r", "4", "--alpha", "8", "--targets", "q_proj,v_proj,down_proj"],
+                &[
+                    "make",
+                    model_dir.to_str().unwrap(),
+                    adapter.to_str().unwrap(),
+                    "--r",
+                    "4",
+                    "--alpha",
+                    "8",
+                    "--targets",
+                    "q_proj,v_proj,down_proj",
+                ],
             );
             let mut m = load("llama");
             let spec = load_peft(&mut m, &adapter).unwrap();
             assert_eq!((spec.r, spec.alpha, spec.use_rslora), (4, 8.0, false));
             assert_eq!(adapter_tensors(&m).len(), 2 * 3 * 2);
             let r: std::collections::BTreeMap<String, Tensor> =
-                Tensor::read_safetensors(adapter.join("reference.safetensors")).unwrap().into_iter().collect();
+                Tensor::read_safetensors(adapter.join("reference.safetensors"))
+                    .unwrap()
+                    .into_iter()
+                    .collect();
             let ours = tch::no_grad(|| m.forward(&r["ids"], None, None).unwrap());
             let d = max_abs_diff(&ours, &r["logits"]);
             assert!(d < 1e-4, "our logits differ from PEFT's by {d}");
@@ -726,15 +749,28 @@ mod tests {
             let wfile = dir.path().join(ADAPTER_WEIGHTS_FILE);
             let mut t = Tensor::read_safetensors(&wfile).unwrap();
             t.retain(|(k, _)| !k.contains("layers.1.self_attn.q_proj.lora_B"));
-            t.push(("base_model.model.model.layers.7.mlp.up_proj.lora_A.weight".into(), Tensor::zeros([4, 64], (Kind::Float, Device::Cpu))));
+            t.push((
+                "base_model.model.model.layers.7.mlp.up_proj.lora_A.weight".into(),
+                Tensor::zeros([4, 64], (Kind::Float, Device::Cpu)),
+            ));
             crate::weights::save_safetensors(&wfile, &t).unwrap();
             let err = load_peft(&mut m, dir.path()).unwrap_err().to_string();
-            assert!(err.contains("layers.1.self_attn.q_proj.lora_B.weight is missing"), "{err}");
-            assert!(err.contains("layers.7.mlp.up_proj.lora_A.weight matches no projection"), "{err}");
-            assert!(!has_adapters(&m), "a failed load leaves no half-loaded adapter");
+            assert!(
+                err.contains("layers.1.self_attn.q_proj.lora_B.weight is missing"),
+                "{err}"
+            );
+            assert!(
+                err.contains("layers.7.mlp.up_proj.lora_A.weight matches no projection"),
+                "{err}"
+            );
+            assert!(
+                !has_adapters(&m),
+                "a failed load leaves no half-loaded adapter"
+            );
             // DoRA is refused with a hint.
             let cfgp = dir.path().join(ADAPTER_CONFIG_FILE);
-            let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&cfgp).unwrap()).unwrap();
+            let mut cfg: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&cfgp).unwrap()).unwrap();
             cfg["use_dora"] = serde_json::Value::Bool(true);
             std::fs::write(&cfgp, serde_json::to_vec(&cfg).unwrap()).unwrap();
             let err = read_peft_config(dir.path()).unwrap_err().to_string();
@@ -742,4 +778,3 @@ mod tests {
         }
     }
 }
-

@@ -1,0 +1,166 @@
+//! Token cross-entropy over the vocabulary in chunks, with the gradient
+//! computed in closed form.
+//!
+//! The output projection is frozen, so the logits are never kept for
+//! autograd: for each chunk of (at most `chunk_rows`) target positions we form
+//! the logits, their log-sum-exp, the loss and `∂loss/∂hidden =
+//! (softmax − onehot) · W / norm`, then drop the chunk. The backward pass of
+//! the rest of the network is then driven through a surrogate
+//! `Σ hidden ⊙ grad` whose gradient with respect to `hidden` is exactly that.
+//! Memory for the logits is `chunk_rows × vocab` instead of
+//! `batch × seq × vocab` (several copies of it in an autograd cross-entropy),
+//! and only positions with a target are projected at all (prompt tokens and
+//! padding cost nothing).
+//!
+//! `norm` is the number of target tokens of the whole effective batch (all
+//! micro-batches of one optimiser step), so accumulating micro-batch
+//! gradients gives exactly the full-batch gradient (pain point 7).
+
+use tch::{Kind, Tensor};
+
+use crate::batch::IGNORE_INDEX;
+
+/// Default elements per logits chunk (rows × vocab): 8 Mi floats = 32 MiB.
+pub const DEFAULT_CHUNK_ELEMENTS: i64 = 8 << 20;
+
+/// Loss statistics of one micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LossStats {
+    /// Sum of token losses (nats).
+    pub loss_sum: f64,
+    /// Number of target tokens.
+    pub n_targets: i64,
+    /// Targets whose arg-max prediction was right.
+    pub n_correct: i64,
+}
+
+impl LossStats {
+    /// Adds another micro-batch.
+    pub fn add(&mut self, o: LossStats) {
+        self.loss_sum += o.loss_sum;
+        self.n_targets += o.n_targets;
+        self.n_correct += o.n_correct;
+    }
+
+    /// Mean token loss (NaN without targets).
+    pub fn mean(&self) -> f64 {
+        self.loss_sum / self.n_targets as f64
+    }
+
+    /// Token accuracy (NaN without targets).
+    pub fn accuracy(&self) -> f64 {
+        self.n_correct as f64 / self.n_targets as f64
+    }
+}
+
+/// Cross-entropy of `hidden` (`[B, T, H]`, part of the autograd graph)
+/// projected by the frozen `weight` (`[V, H]`) against `targets` (`[B, T]`,
+/// [`IGNORE_INDEX`] for none). When `backward` is set, gradients of
+/// `Σ token_loss / norm` are accumulated into the graph's leaves.
+pub fn chunked_cross_entropy(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    norm: f64,
+    backward: bool,
+    chunk_elements: i64,
+) -> LossStats {
+    let h_dim = hidden.size()[hidden.dim() - 1];
+    let vocab = weight.size()[0];
+    let flat_t = targets.reshape([-1]);
+    let idx = flat_t.ne(IGNORE_INDEX).nonzero().squeeze_dim(1);
+    let n = idx.size()[0];
+    if n == 0 {
+        return LossStats::default();
+    }
+    let h = hidden.reshape([-1, h_dim]).index_select(0, &idx);
+    let t = flat_t.index_select(0, &idx);
+    let rows = (chunk_elements / vocab.max(1)).max(1);
+    let mut stats = LossStats {
+        n_targets: n,
+        ..Default::default()
+    };
+    let mut grads = Vec::new();
+    tch::no_grad(|| {
+        let hd = h.detach();
+        let w = weight.detach();
+        let mut start = 0;
+        while start < n {
+            let len = rows.min(n - start);
+            let hc = hd.narrow(0, start, len);
+            let tc = t.narrow(0, start, len).unsqueeze(1);
+            let mut logits = hc.matmul(&w.tr());
+            if logits.kind() != Kind::Float && logits.kind() != Kind::Double {
+                logits = logits.to_kind(Kind::Float);
+            }
+            let lse = logits.logsumexp([1], true);
+            let picked = logits.gather(1, &tc, false);
+            stats.loss_sum += (&lse - &picked).sum(Kind::Double).double_value(&[]);
+            stats.n_correct += logits
+                .argmax(1, true)
+                .eq_tensor(&tc)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            if backward {
+                // softmax − onehot, scaled by 1/norm, then back through W.
+                let mut p = (logits - lse).exp();
+                let minus = Tensor::full([len, 1], -1.0, (p.kind(), p.device()));
+                let _ = p.scatter_add_(1, &tc, &minus);
+                let g = (p / norm).to_kind(w.kind()).matmul(&w);
+                grads.push(g.to_kind(hd.kind()));
+            }
+            start += len;
+        }
+    });
+    if backward {
+        let g = Tensor::cat(&grads, 0);
+        let surrogate = (&h * &g).sum(Kind::Float);
+        surrogate.backward();
+    }
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn equals_autograd_cross_entropy_in_value_and_gradient() {
+        tch::manual_seed(0);
+        let opts = (Kind::Double, Device::Cpu);
+        let x = Tensor::randn([2, 5, 8], opts).set_requires_grad(true);
+        let proj = Tensor::randn([8, 8], opts).set_requires_grad(true);
+        let w = Tensor::randn([11, 8], opts);
+        let targets =
+            Tensor::from_slice(&[3i64, -100, 4, 10, 0, -100, -100, 7, 1, 2]).reshape([2, 5]);
+        // Reference: full logits and autograd, mean over targets.
+        let hidden = x.matmul(&proj);
+        let logits = hidden.matmul(&w.tr()).reshape([-1, 11]);
+        let reference = logits.cross_entropy_loss::<Tensor>(
+            &targets.reshape([-1]),
+            None,
+            tch::Reduction::Mean,
+            -100,
+            0.0,
+        );
+        let ref_grad = Tensor::run_backward(&[&reference], &[&proj], false, false).remove(0);
+
+        let hidden = x.matmul(&proj);
+        // Tiny chunks: 2 rows of 11 at a time.
+        let stats = chunked_cross_entropy(&hidden, &w, &targets, 7.0, true, 22);
+        assert_eq!(stats.n_targets, 7);
+        assert!((stats.mean() - reference.double_value(&[])).abs() < 1e-12);
+        let diff = (proj.grad() - ref_grad).abs().max().double_value(&[]);
+        assert!(diff < 1e-12, "gradient differs by {diff}");
+    }
+
+    #[test]
+    fn no_targets_means_no_work() {
+        let h = Tensor::zeros([1, 3, 4], (Kind::Float, Device::Cpu));
+        let w = Tensor::zeros([5, 4], (Kind::Float, Device::Cpu));
+        let t = Tensor::full([1, 3], IGNORE_INDEX, (Kind::Int64, Device::Cpu));
+        let s = chunked_cross_entropy(&h, &w, &t, 1.0, false, 100);
+        assert_eq!(s, LossStats::default());
+    }
+}

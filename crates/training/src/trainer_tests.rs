@@ -1,0 +1,184 @@
+//! End-to-end trainer tests on the tiny Llama fixture: exact resume, same
+//! seed same losses, config-hash refusal, divergence stop, eval history,
+//! learning, metrics.jsonl and the PEFT adapter written at the end.
+
+use std::path::Path;
+
+use lora_spec::trial::{LrScheduler, TrialConfig};
+use tch::Device;
+
+use crate::testutil::{tiny_llama, write_alpaca};
+use crate::trainer::{NoMonitor, Outcome, TrainOptions, train};
+
+fn trial() -> TrialConfig {
+    TrialConfig {
+        seed: 11,
+        learning_rate: 5e-3,
+        lora_rank: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.1,
+        target_modules: vec!["all-linear".into()],
+        batch_size: 4,
+        micro_batch_size: 2,
+        max_steps: Some(6),
+        warmup_steps: Some(2),
+        lr_scheduler: LrScheduler::Cosine,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        max_seq_length: 64,
+        save_steps: Some(3),
+        ..Default::default()
+    }
+}
+
+fn opts(t: TrialConfig, data: &Path, out: &Path) -> TrainOptions {
+    let mut o = TrainOptions::new(t, tiny_llama(), data, out);
+    o.device = Device::Cpu;
+    o.threads = Some(1);
+    o
+}
+
+/// libtorch's generator and thread count are process-wide: trainer tests run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bits(v: &[f64]) -> Vec<u64> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn stopped_and_resumed_run_has_bit_identical_losses() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    write_alpaca(&data, 21);
+
+    let full = train(&opts(trial(), &data, &dir.path().join("a")), &mut NoMonitor).unwrap();
+    assert_eq!(full.outcome, Outcome::Completed);
+    assert_eq!(full.losses.len(), 6);
+
+    let out_b = dir.path().join("b");
+    let mut first = opts(trial(), &data, &out_b);
+    first.stop_after_steps = Some(3);
+    let part = train(&first, &mut NoMonitor).unwrap();
+    assert!(
+        matches!(part.outcome, Outcome::Stopped(_)),
+        "{:?}",
+        part.outcome
+    );
+    assert_eq!(
+        bits(&part.losses),
+        bits(&full.losses[..3]),
+        "same seed, same losses"
+    );
+    let ck = part.checkpoint_path.clone().unwrap();
+    assert!(ck.ends_with("checkpoint-00000003"), "{}", ck.display());
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
+        assert!(ck.join(f).is_file(), "{f}");
+    }
+
+    let mut second = opts(trial(), &data, &out_b);
+    second.resume_from = Some(ck);
+    let resumed = train(&second, &mut NoMonitor).unwrap();
+    assert_eq!(resumed.outcome, Outcome::Completed);
+    assert_eq!(bits(&resumed.losses), bits(&full.losses), "resume is exact");
+    // The final adapters are the same tensors.
+    let read = |p: std::path::PathBuf| {
+        let mut v = tch::Tensor::read_safetensors(p.join("adapter_model.safetensors")).unwrap();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    let a = read(full.adapter_path.unwrap());
+    let b = read(resumed.adapter_path.unwrap());
+    let keys = |v: &[(String, tch::Tensor)]| v.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    assert_eq!(keys(&a), keys(&b));
+    assert_eq!(a.len(), 2 * 2 * 7);
+    for ((ka, ta), (kb, tb)) in a.iter().zip(b.iter()) {
+        assert_eq!(ka, kb);
+        assert!(ta.equal(tb), "{ka}");
+    }
+    // metrics.jsonl of the resumed run has each step once.
+    let lines = std::fs::read_to_string(out_b.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    let first_line: serde_json::Value =
+        serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    for k in ["loss", "lr", "grad_norm", "tokens_per_s"] {
+        assert!(first_line[k].is_number(), "{k} in {first_line}");
+    }
+
+    // A changed configuration is refused on resume.
+    let mut other = opts(
+        TrialConfig {
+            learning_rate: 1e-3,
+            ..trial()
+        },
+        &data,
+        &out_b,
+    );
+    other.resume_from = part.checkpoint_path;
+    let err = train(&other, &mut NoMonitor).unwrap_err().to_string();
+    assert!(err.contains("another configuration"), "{err}");
+}
+
+#[test]
+fn divergence_stops_the_run_as_failed_and_keeps_no_bad_adapter() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    write_alpaca(&data, 8);
+    let t = TrialConfig {
+        early_stop_loss: Some(0.01),
+        ..trial()
+    };
+    let r = train(&opts(t, &data, &dir.path().join("o")), &mut NoMonitor).unwrap();
+    match &r.outcome {
+        Outcome::Failed(reason) => assert!(reason.contains("early_stop_loss"), "{reason}"),
+        other => panic!("expected failure, got {other:?}"),
+    }
+    assert_eq!(r.steps, 0);
+    assert!(r.adapter_path.is_none());
+}
+
+#[test]
+fn training_learns_and_evaluates_every_n_steps() {
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    write_alpaca(&data, 12);
+    let t = TrialConfig {
+        max_steps: Some(16),
+        learning_rate: 2e-2,
+        lora_dropout: 0.0,
+        eval_steps: Some(5),
+        save_steps: None,
+        lr_scheduler: LrScheduler::Constant,
+        ..trial()
+    };
+    let mut o = opts(t, &data, &dir.path().join("o"));
+    o.eval_data = Some(data.clone());
+    let r = train(&o, &mut NoMonitor).unwrap();
+    assert_eq!(r.outcome, Outcome::Completed);
+    let steps: Vec<u64> = r.eval_history.iter().map(|e| e.step).collect();
+    assert_eq!(steps, [5, 10, 15, 16]);
+    let first = r.eval_history[0].eval_loss;
+    let last = r.eval_history[3].eval_loss;
+    assert!(
+        last < first - 0.3,
+        "eval loss should fall on its own training data: {first} -> {last}"
+    );
+    assert!(r.plan.trained_fraction < 0.9, "the prompt is masked");
+}
