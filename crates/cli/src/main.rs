@@ -41,6 +41,10 @@ enum Command {
     Schema(cmd::schema::Args),
     /// The adapter store: list, show, verify, gc, delete, store.
     Artifacts(cmd::artifacts::Args),
+    /// Check an experiment before launch: compatibility, memory against the limit, time per step.
+    Preflight(cmd::config::PreflightArgs),
+    /// Model facts and smart defaults: `config suggest`, `config models`.
+    Config(cmd::config::ConfigArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +67,8 @@ fn main() -> ExitCode {
             Command::Skill(a) => cmd::skills::call(a).await,
             Command::Schema(a) => cmd::schema::run(a).await,
             Command::Artifacts(a) => cmd::artifacts::run(a).await,
+            Command::Preflight(a) => cmd::config::preflight(a).await,
+            Command::Config(a) => cmd::config::config(a).await,
         }
     });
     match result {

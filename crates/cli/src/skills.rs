@@ -8,6 +8,7 @@ pub fn registry() -> SkillRegistry {
     #[allow(unused_mut)] // Areas add their skills below.
     let mut reg = SkillRegistry::new();
     lora_artifact::register(&mut reg); // artifact_store, artifact_registry
+    lora_config::register(&mut reg); // lora_config, preflight
     // lora_trainer: composes every skill above through the registry (keep it last).
     let orchestrator = lora_orchestrator::LoRATrainerSkill::new(reg.clone());
     reg.register(orchestrator);

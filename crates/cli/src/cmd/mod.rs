@@ -1,6 +1,7 @@
 //! One module per command group.
 
 pub mod artifacts;
+pub mod config;
 pub mod run;
 pub mod schema;
 pub mod skills;
