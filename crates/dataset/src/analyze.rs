@@ -52,6 +52,19 @@ pub(crate) type PassThroughBuild = BuildHasherDefault<PassThrough>;
 /// Appends the whitespace-normalised form of `s` (runs of whitespace become one space,
 /// leading and trailing whitespace dropped).
 pub(crate) fn push_normalized(s: &str, out: &mut Vec<u8>) {
+    let b = s.as_bytes();
+    // Fast path: already normalised ASCII (no tab/newline/CR/VT/FF, no double, leading or
+    // trailing space) is copied as is. SIMD scans, no per-byte loop.
+    if s.is_ascii()
+        && memchr::memchr3(b'\t', b'\n', b'\r', b).is_none()
+        && memchr::memchr2(0x0b, 0x0c, b).is_none()
+        && b.first() != Some(&b' ')
+        && b.last() != Some(&b' ')
+        && memchr::memmem::find(b, b"  ").is_none()
+    {
+        out.extend_from_slice(b);
+        return;
+    }
     if s.is_ascii() {
         let mut pending = false;
         let mut started = false;
@@ -108,14 +121,25 @@ pub(crate) fn canonical(v: &Val<'_>, out: &mut Vec<u8>) {
         }
         Val::Map(m) => {
             out.push(0x06);
-            let mut idx: Vec<usize> = (0..m.len()).collect();
-            if m.windows(2).any(|w| w[0].0 > w[1].0) {
-                idx.sort_by(|a, b| m[*a].0.cmp(&m[*b].0));
-            }
-            for i in idx {
+            let entry = |i: usize, out: &mut Vec<u8>| {
                 out.extend_from_slice(m[i].0.as_bytes());
                 out.push(0x1f);
                 canonical(&m[i].1, out);
+            };
+            if !m.windows(2).any(|w| w[0].0 > w[1].0) {
+                (0..m.len()).for_each(|i| entry(i, out));
+            } else if m.len() <= 16 {
+                // Sort key indices without allocating (rows rarely have more than 16 fields).
+                let mut idx = [0usize; 16];
+                for (i, x) in idx.iter_mut().enumerate().take(m.len()) {
+                    *x = i;
+                }
+                idx[..m.len()].sort_unstable_by(|a, b| m[*a].0.cmp(&m[*b].0));
+                idx[..m.len()].iter().for_each(|i| entry(*i, out));
+            } else {
+                let mut idx: Vec<usize> = (0..m.len()).collect();
+                idx.sort_unstable_by(|a, b| m[*a].0.cmp(&m[*b].0));
+                idx.into_iter().for_each(|i| entry(i, out));
             }
             out.push(0x07);
         }
@@ -143,7 +167,13 @@ pub(crate) fn row_text(v: &Val<'_>, out: &mut String) {
 /// Characters of a row's text leaves (what the chars/4 estimate divides).
 pub(crate) fn row_chars(v: &Val<'_>) -> u64 {
     let mut n = 0u64;
-    v.for_each_text(&mut |s| n += s.chars().count() as u64);
+    v.for_each_text(&mut |s| {
+        n += if s.is_ascii() {
+            s.len()
+        } else {
+            s.chars().count()
+        } as u64
+    });
     n
 }
 
@@ -245,14 +275,11 @@ impl RowSink for ProfileSink<'_> {
         let hash = row_hash(v, &mut c.scratch);
         let est_tokens = row_chars(v) / 4;
         // Key signature of the row (its field names in order).
-        let mut sig_bytes = Vec::with_capacity(64);
-        if let Some(m) = v.as_map() {
-            for (k, _) in m {
-                sig_bytes.extend_from_slice(k.as_bytes());
-                sig_bytes.push(0);
-            }
-        }
-        let sig = xxhash_rust::xxh3::xxh3_64(&sig_bytes);
+        let sig = v.as_map().map_or(0, |m| {
+            m.iter().fold(0x51u64, |h, (k, _)| {
+                xxhash_rust::xxh3::xxh3_64_with_seed(k.as_bytes(), h)
+            })
+        });
         if !c.sigs.iter().any(|(s, _)| *s == sig) {
             let keys = v
                 .as_map()
@@ -425,7 +452,8 @@ struct Merger {
     valid: u64,
     invalid: u64,
     invalid_examples: Vec<RowIssue>,
-    dups: HashMap<u128, (u32, u64), PassThroughBuild>,
+    /// Content hash -> first row, packed as `file << 40 | row`.
+    dups: HashMap<u128, u64, PassThroughBuild>,
     duplicates: u64,
     duplicate_examples: Vec<RowIssue>,
     near: Option<(HashMap<u64, u64, PassThroughBuild>, u64)>,
@@ -473,7 +501,8 @@ impl Merger {
                             exact_dup = true;
                             self.duplicates += 1;
                             if self.duplicate_examples.len() < self.max_examples {
-                                let (of_file, of_row) = *o.get();
+                                let (of_file, of_row) =
+                                    (*o.get() >> 40, *o.get() & ((1 << 40) - 1));
                                 let reason = format!(
                                     "duplicate of row {of_row}{}",
                                     if of_file as usize == file {
@@ -493,7 +522,7 @@ impl Merger {
                             }
                         }
                         std::collections::hash_map::Entry::Vacant(v) => {
-                            v.insert((file as u32, row));
+                            v.insert(((file as u64) << 40) | (row & ((1 << 40) - 1)));
                         }
                     }
                     if let (Some((map, count)), Some(bands)) = (&mut self.near, &f.bands)
@@ -885,4 +914,36 @@ pub(crate) fn count_parallel(
         }
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(s: &str) -> String {
+        let mut out = Vec::new();
+        push_normalized(s, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn whitespace_normalisation_fast_and_slow_paths_agree() {
+        assert_eq!(norm("a b c"), "a b c");
+        assert_eq!(norm("  a  b\tc\n"), "a b c");
+        assert_eq!(norm("a\u{0b}b\u{0c}c\r\n"), "a b c");
+        assert_eq!(norm("ünï  côde\u{a0}x "), "ünï côde x");
+        assert_eq!(norm(""), "");
+        assert_eq!(norm("   "), "");
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        let v1: Val = serde_json::from_str(r#"{"b":"x  y","a":[1,"z"]}"#).unwrap();
+        let v2: Val = serde_json::from_str(r#"{"a":[1," z "],"b":"x y"}"#).unwrap();
+        assert_eq!(
+            row_hash(&v1, &mut a),
+            row_hash(&v2, &mut b),
+            "key order and spacing do not matter"
+        );
+        let v3: Val = serde_json::from_str(r#"{"a":[1,"z"],"b":"xy"}"#).unwrap();
+        assert_ne!(row_hash(&v1, &mut a), row_hash(&v3, &mut b));
+    }
 }
