@@ -12,6 +12,7 @@ pub mod eval;
 pub mod hpo;
 pub mod merge;
 pub mod orchestrator;
+pub mod protocols;
 pub mod training;
 
 /// Registry names of the skills, so that callers never spell them twice.
@@ -32,4 +33,14 @@ pub mod names {
     pub const MERGE: &str = "merge";
     /// `LoRATrainerSkill` (the orchestrator).
     pub const ORCHESTRATOR: &str = "lora_trainer";
+    /// Ablation protocol: configs varying one parameter or a grid; results table and plot.
+    pub const ABLATION: &str = "protocol_ablation";
+    /// Curriculum protocol: ordered stages from named files or by difficulty.
+    pub const CURRICULUM: &str = "protocol_curriculum";
+    /// Ensemble protocol: diverse member configs and merge weights.
+    pub const ENSEMBLE: &str = "protocol_ensemble";
+    /// Standard protocol: N independent trials drawn from the HPO skill.
+    pub const STANDARD: &str = "protocol_standard";
+    /// Reproducibility manifest: create and verify.
+    pub const MANIFEST: &str = "reproducibility_manifest";
 }
