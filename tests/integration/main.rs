@@ -1,5 +1,5 @@
 //! The workspace's one integration-test binary: cross-crate scenarios and
 //! tidy checks, one module per area.
 
-mod tidy;
 mod orchestrator;
+mod tidy;
