@@ -31,6 +31,8 @@ enum Command {
     Run(cmd::run::Args),
     /// Re-run one trial of an experiment from its manifest.json and say whether it matches.
     Reproduce(cmd::run::ReproduceArgs),
+    /// Profile a dataset (`dataset analyze PATH`) or write a seeded train/eval split (`dataset split`).
+    Dataset(cmd::dataset::Args),
     /// Check an experiment spec (YAML or JSON) and print what it resolves to.
     Validate(cmd::validate::Args),
     /// List every registered skill.
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(a) => cmd::run::run(a, cli.verbose).await,
             Command::Reproduce(a) => cmd::run::reproduce(a, cli.verbose).await,
+            Command::Dataset(a) => cmd::dataset::run(a).await,
             Command::Validate(a) => cmd::validate::run(a).await,
             Command::Skills(a) => cmd::skills::list(a).await,
             Command::Skill(a) => cmd::skills::call(a).await,

@@ -7,6 +7,7 @@ use lora_skill::SkillRegistry;
 pub fn registry() -> SkillRegistry {
     #[allow(unused_mut)] // Areas add their skills below.
     let mut reg = SkillRegistry::new();
+    reg.register(lora_dataset::DatasetSkill::default()); // dataset_analyze
     lora_artifact::register(&mut reg); // artifact_store, artifact_registry
     lora_config::register(&mut reg); // lora_config, preflight
     // lora_trainer: composes every skill above through the registry (keep it last).
