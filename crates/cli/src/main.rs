@@ -47,6 +47,10 @@ enum Command {
     Preflight(cmd::config::PreflightArgs),
     /// Model facts and smart defaults: `config suggest`, `config models`.
     Config(cmd::config::ConfigArgs),
+    /// Merge a LoRA adapter into its base model (Hugging Face safetensors, validated).
+    Merge(cmd::merge::MergeArgs),
+    /// Export a model (+ adapter) as safetensors, GGUF or PyTorch .bin, or an adapter as a GGUF LoRA.
+    Export(cmd::merge::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,8 @@ fn main() -> ExitCode {
             Command::Artifacts(a) => cmd::artifacts::run(a).await,
             Command::Preflight(a) => cmd::config::preflight(a).await,
             Command::Config(a) => cmd::config::config(a).await,
+            Command::Merge(a) => cmd::merge::merge(a, cli.verbose).await,
+            Command::Export(a) => cmd::merge::export(a, cli.verbose).await,
         }
     });
     match result {

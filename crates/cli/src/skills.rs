@@ -10,6 +10,7 @@ pub fn registry() -> SkillRegistry {
     reg.register(lora_dataset::DatasetSkill::default()); // dataset_analyze
     lora_artifact::register(&mut reg); // artifact_store, artifact_registry
     lora_config::register(&mut reg); // lora_config, preflight
+    lora_merge::register(&mut reg); // merge
     // lora_trainer: composes every skill above through the registry (keep it last).
     let orchestrator = lora_orchestrator::LoRATrainerSkill::new(reg.clone());
     reg.register(orchestrator);

@@ -8,6 +8,7 @@
 //! Format writers are pure Rust (no libtorch), so they test fast.
 
 pub mod adapter;
+pub mod combine;
 pub mod dtype;
 pub mod error;
 pub mod export;
@@ -15,6 +16,7 @@ pub mod gemm;
 pub mod gguf;
 pub mod hf;
 pub mod merge;
+pub mod skill;
 pub mod st;
 pub mod torch_bin;
 
@@ -23,4 +25,5 @@ pub use dtype::DType;
 pub use error::{MergeError, Result};
 pub use export::{ExportKind, ExportRequest, ExportSummary, export, preflight};
 pub use merge::MergedModel;
+pub use skill::{MergeSkill, register};
 pub use st::{SafetensorsSet, TensorSpec};

@@ -215,3 +215,60 @@ fn pytorch_bin_loads_with_torch_load_weights_only() {
         eprintln!("torch.load(weights_only=True) read {seen} {tag} tensors byte-identical");
     }
 }
+
+#[tokio::test]
+async fn merge_skill_runs_through_the_registry_and_validates() {
+    let Some(s) = require_python("merge_skill_runs_through_the_registry_and_validates") else {
+        return;
+    };
+    let out = scratch();
+    let mut reg = lora_skill::SkillRegistry::new();
+    lora_merge::register(&mut reg);
+    let sink = lora_skill::MemorySink::new();
+    let ctx = lora_skill::SkillContext::new(&out).with_sink(sink.clone());
+    let input = serde_json::json!({
+        "adapter_path": s.join("a_dora").display().to_string(),
+        "base_model": s.join("llama").display().to_string(),
+        "output_format": "safetensors",
+        "output_path": out.join("merged").display().to_string(),
+    });
+    let res = reg
+        .call_json(lora_spec::contracts::names::MERGE, input, &ctx)
+        .await
+        .unwrap();
+    let v = &res.data["validation"];
+    assert_eq!(v["passed"], true, "{v}");
+    assert!(v["max_abs_diff"].as_f64().unwrap() < 1e-4);
+    assert!(res.data["adapted_tensors"].as_u64().unwrap() >= 4);
+    assert!(!sink.events().is_empty(), "progress reported");
+    // Combination then GGUF LoRA through the same skill; DoRA adapters are refused for GGUF LoRA.
+    let comb = serde_json::json!({
+        "adapter_path": out.join("combined").display().to_string(),
+        "base_model": s.join("llama").display().to_string(),
+        "output_format": "gguf", "adapter_only": true, "gguf_quantization": "f16",
+        "combination": {"adapters": [s.join("a_plain").display().to_string(), s.join("a_second").display().to_string()],
+                        "weights": [0.5, 0.5], "combination_type": "cat"}
+    });
+    let res = reg
+        .call_json(lora_spec::contracts::names::MERGE, comb, &ctx)
+        .await
+        .unwrap();
+    assert!(
+        res.data["merged_path"]
+            .as_str()
+            .unwrap()
+            .ends_with("combined-LoRA.gguf")
+    );
+    let bad = serde_json::json!({
+        "adapter_path": s.join("a_dora").display().to_string(),
+        "base_model": s.join("llama").display().to_string(),
+        "output_format": "gguf", "adapter_only": true,
+        "output_path": out.join("dora.gguf").display().to_string(),
+    });
+    let err = reg
+        .call_json(lora_spec::contracts::names::MERGE, bad, &ctx)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, lora_skill::ErrorKind::Unsupported);
+    assert!(err.message.contains("DoRA"), "{err:?}");
+}

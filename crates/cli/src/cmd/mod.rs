@@ -2,6 +2,7 @@
 
 pub mod artifacts;
 pub mod config;
+pub mod merge;
 pub mod dataset;
 pub mod run;
 pub mod schema;

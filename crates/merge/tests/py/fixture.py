@@ -250,6 +250,27 @@ def cmd_suite(a):
     cmd_model(ns(**dict(base, out=f"{out}/qwen", arch="qwen2", tie=True, dtype="bfloat16")))
     cmd_adapter(ns(**dict(adapter, model=f"{out}/qwen", out=f"{out}/q_plain", seed=5)))
 
+def cmd_combine_many(a):
+    """PEFT add_weighted_adapter for several combination types: OUT/<type>/ each."""
+    import torch, transformers, peft
+    base = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    names, pm = [], None
+    for i, d in enumerate(a.adapters.split(",")):
+        name = f"a{i}"
+        names.append(name)
+        if pm is None:
+            pm = peft.PeftModel.from_pretrained(base, d, adapter_name=name)
+        else:
+            pm.load_adapter(d, adapter_name=name)
+    weights = [float(w) for w in a.weights.split(",")]
+    for spec in a.types.split(","):
+        t, _, dens = spec.partition(":")
+        kw = {"density": float(dens)} if dens else {}
+        new = f"c_{t}"
+        pm.add_weighted_adapter(names, weights, new, combination_type=t, **kw)
+        pm.save_pretrained(os.path.join(a.out, t), selected_adapters=[new])
+    print(json.dumps({"out": a.out}))
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -275,11 +296,14 @@ def main():
     ll = sub.add_parser("llama-logits"); ll.add_argument("gguf"); ll.add_argument("ids"); ll.add_argument("out_json")
     ll.add_argument("--lora")
     q = sub.add_parser("llama-quantize"); q.add_argument("src"); q.add_argument("dst"); q.add_argument("ftype")
+    cm = sub.add_parser("combine-many"); cm.add_argument("model"); cm.add_argument("out")
+    cm.add_argument("--adapters", required=True); cm.add_argument("--weights", required=True)
+    cm.add_argument("--types", required=True)
     su = sub.add_parser("suite"); su.add_argument("out")
     a = ap.parse_args()
     {"model": cmd_model, "adapter": cmd_adapter, "logits": cmd_logits, "torch-load": cmd_torch_load,
      "combine": cmd_combine, "gguf-read": cmd_gguf_read, "llama-logits": cmd_llama_logits,
-     "llama-quantize": cmd_llama_quantize, "suite": cmd_suite}[a.cmd](a)
+     "llama-quantize": cmd_llama_quantize, "suite": cmd_suite, "combine-many": cmd_combine_many}[a.cmd](a)
 
 if __name__ == "__main__":
     main()
