@@ -2,8 +2,8 @@
 
 pub mod artifacts;
 pub mod config;
-pub mod merge;
 pub mod dataset;
+pub mod merge;
 pub mod run;
 pub mod schema;
 pub mod skills;
