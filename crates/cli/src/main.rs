@@ -33,6 +33,14 @@ enum Command {
     Reproduce(cmd::run::ReproduceArgs),
     /// Profile a dataset (`dataset analyze PATH`) or write a seeded train/eval split (`dataset split`).
     Dataset(cmd::dataset::Args),
+    /// Write the configs of an ablation: one parameter (`--param lora_rank --values 4,8,16`), a grid or a preset.
+    Ablation(cmd::protocols::AblationArgs),
+    /// Build curriculum stages from named files or by difficulty.
+    Curriculum(cmd::protocols::CurriculumArgs),
+    /// Write diverse ensemble member configs (seeds, ranks, learning rates, target sets).
+    Ensemble(cmd::protocols::EnsembleArgs),
+    /// Reproducibility manifest: `manifest create SPEC`, `manifest verify FILE`.
+    Manifest(cmd::protocols::ManifestArgs),
     /// Check an experiment spec (YAML or JSON) and print what it resolves to.
     Validate(cmd::validate::Args),
     /// List every registered skill.
@@ -69,6 +77,10 @@ fn main() -> ExitCode {
             Command::Run(a) => cmd::run::run(a, cli.verbose).await,
             Command::Reproduce(a) => cmd::run::reproduce(a, cli.verbose).await,
             Command::Dataset(a) => cmd::dataset::run(a).await,
+            Command::Ablation(a) => cmd::protocols::ablation(a).await,
+            Command::Curriculum(a) => cmd::protocols::curriculum(a).await,
+            Command::Ensemble(a) => cmd::protocols::ensemble(a).await,
+            Command::Manifest(a) => cmd::protocols::manifest(a).await,
             Command::Validate(a) => cmd::validate::run(a).await,
             Command::Skills(a) => cmd::skills::list(a).await,
             Command::Skill(a) => cmd::skills::call(a).await,

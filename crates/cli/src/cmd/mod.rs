@@ -5,6 +5,7 @@ pub mod config;
 pub mod dataset;
 pub mod merge;
 pub mod run;
+pub mod protocols;
 pub mod schema;
 pub mod skills;
 pub mod validate;
