@@ -1,2 +1,2 @@
-//! Bakes libtorch's library folder into the run path (see crates/engine/torch_rpath.rs).
+//! Bakes libtorch's library folder into the run path (shared with the engine crate).
 include!("../engine/torch_rpath.rs");

@@ -1,11 +1,12 @@
 //! One module per command group.
 
 pub mod artifacts;
+pub mod bench;
 pub mod config;
 pub mod dataset;
-pub mod merge;
-pub mod protocols;
+pub mod eval;
 pub mod run;
 pub mod schema;
 pub mod skills;
+pub mod train;
 pub mod validate;
