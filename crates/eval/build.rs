@@ -1,2 +1,2 @@
-//! Bakes libtorch's library folder into the run path (shared with the engine crate).
+//! Bakes libtorch's library folder into the run path (see crates/engine/torch_rpath.rs).
 include!("../engine/torch_rpath.rs");

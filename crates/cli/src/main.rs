@@ -33,6 +33,14 @@ enum Command {
     Reproduce(cmd::run::ReproduceArgs),
     /// Profile a dataset (`dataset analyze PATH`) or write a seeded train/eval split (`dataset split`).
     Dataset(cmd::dataset::Args),
+    /// Write the configs of an ablation: one parameter (`--param lora_rank --values 4,8,16`), a grid or a preset.
+    Ablation(cmd::protocols::AblationArgs),
+    /// Build curriculum stages from named files or by difficulty.
+    Curriculum(cmd::protocols::CurriculumArgs),
+    /// Write diverse ensemble member configs (seeds, ranks, learning rates, target sets).
+    Ensemble(cmd::protocols::EnsembleArgs),
+    /// Reproducibility manifest: `manifest create SPEC`, `manifest verify FILE`.
+    Manifest(cmd::protocols::ManifestArgs),
     /// Check an experiment spec (YAML or JSON) and print what it resolves to.
     Validate(cmd::validate::Args),
     /// List every registered skill.
@@ -47,6 +55,10 @@ enum Command {
     Preflight(cmd::config::PreflightArgs),
     /// Model facts and smart defaults: `config suggest`, `config models`.
     Config(cmd::config::ConfigArgs),
+    /// Merge a LoRA adapter into its base model (Hugging Face safetensors, validated).
+    Merge(cmd::merge::MergeArgs),
+    /// Export a model (+ adapter) as safetensors, GGUF or PyTorch .bin, or an adapter as a GGUF LoRA.
+    Export(cmd::merge::ExportArgs),
     /// Train the spec's base configuration once (LoRA SFT) with a progress bar.
     Train(cmd::train::Args),
     /// Evaluate a model (+ adapter): loss, perplexity, delta vs base, accuracy, generation.
@@ -71,6 +83,10 @@ fn main() -> ExitCode {
             Command::Run(a) => cmd::run::run(a, cli.verbose).await,
             Command::Reproduce(a) => cmd::run::reproduce(a, cli.verbose).await,
             Command::Dataset(a) => cmd::dataset::run(a).await,
+            Command::Ablation(a) => cmd::protocols::ablation(a).await,
+            Command::Curriculum(a) => cmd::protocols::curriculum(a).await,
+            Command::Ensemble(a) => cmd::protocols::ensemble(a).await,
+            Command::Manifest(a) => cmd::protocols::manifest(a).await,
             Command::Validate(a) => cmd::validate::run(a).await,
             Command::Skills(a) => cmd::skills::list(a).await,
             Command::Skill(a) => cmd::skills::call(a).await,
@@ -78,6 +94,8 @@ fn main() -> ExitCode {
             Command::Artifacts(a) => cmd::artifacts::run(a).await,
             Command::Preflight(a) => cmd::config::preflight(a).await,
             Command::Config(a) => cmd::config::config(a).await,
+            Command::Merge(a) => cmd::merge::merge(a, cli.verbose).await,
+            Command::Export(a) => cmd::merge::export(a, cli.verbose).await,
             Command::Train(a) => cmd::train::run(a, cli.verbose).await,
             Command::Eval(a) => cmd::eval::run(a).await,
             Command::Bench(a) => cmd::bench::run(a).await,

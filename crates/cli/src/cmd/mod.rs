@@ -5,6 +5,8 @@ pub mod bench;
 pub mod config;
 pub mod dataset;
 pub mod eval;
+pub mod merge;
+pub mod protocols;
 pub mod run;
 pub mod schema;
 pub mod skills;
