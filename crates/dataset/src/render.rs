@@ -141,10 +141,10 @@ impl Sample {
             return Ok(Sample::Chat(turns(c, rk, ck)?));
         }
         if v.get("instruction").is_some() {
-            let output = if v.get("output").is_some() {
-                req_str(v, "output")?
-            } else {
+            let output = if v.get("response").is_some() && v.get("output").is_none() {
                 req_str(v, "response")?
+            } else {
+                req_str(v, "output")?
             };
             let system = v.get("system").and_then(Val::as_str).map(String::from);
             return Ok(Sample::Instruction {
