@@ -5,19 +5,26 @@
 //! Layout: [`config`] (config.json), [`weights`] (safetensors in/out and the
 //! load report), [`model`] (forward pass and KV cache), [`nn`] (Linear with a
 //! LoRA slot, RMSNorm, Embedding), [`lora`] (the adapter layer), [`tokenizer`]
-//! (tokenizer.json, special tokens, chat template), [`generate`] (sampling).
+//! (tokenizer.json, special tokens, chat template), [`generate`] (sampling),
+//! [`gguf`] (GGUF reader, dequantisation), [`gguf_import`] (GGUF → HF folder),
+//! [`hub`] (model names: local folders and the Hugging Face cache).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))] // Tests may unwrap; library code may not.
 
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod gguf;
+pub mod gguf_import;
+pub mod hub;
 pub mod lora;
 pub mod model;
 pub mod nn;
 pub mod tokenizer;
 pub mod weights;
 
+#[cfg(test)]
+mod gguf_tests;
 #[cfg(test)]
 mod parity_tests;
 #[cfg(test)]
@@ -26,6 +33,7 @@ pub(crate) mod testutil;
 pub use config::{Architecture, HfConfig, ModelConfig, RopeScaling};
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, Generation, GenerationConfig, generate};
+pub use gguf_import::{ImportReport, import_gguf};
 pub use lora::LoraLayer;
 pub use model::{KvCache, LlamaModel};
 pub use nn::Linear;
