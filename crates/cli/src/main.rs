@@ -33,6 +33,10 @@ enum Command {
     Reproduce(cmd::run::ReproduceArgs),
     /// Profile a dataset (`dataset analyze PATH`) or write a seeded train/eval split (`dataset split`).
     Dataset(cmd::dataset::Args),
+    /// Models: `model import FILE.gguf --out DIR` (GGUF to a trainable Hugging Face folder).
+    Model(cmd::model::ModelArgs),
+    /// Generate text with a model (+ LoRA adapter): greedy unless sampling options are given.
+    Generate(cmd::model::GenerateArgs),
     /// Write the configs of an ablation: one parameter (`--param lora_rank --values 4,8,16`), a grid or a preset.
     Ablation(cmd::protocols::AblationArgs),
     /// Build curriculum stages from named files or by difficulty.
@@ -83,6 +87,8 @@ fn main() -> ExitCode {
             Command::Run(a) => cmd::run::run(a, cli.verbose).await,
             Command::Reproduce(a) => cmd::run::reproduce(a, cli.verbose).await,
             Command::Dataset(a) => cmd::dataset::run(a).await,
+            Command::Model(a) => cmd::model::model(a).await,
+            Command::Generate(a) => cmd::model::generate_cmd(a).await,
             Command::Ablation(a) => cmd::protocols::ablation(a).await,
             Command::Curriculum(a) => cmd::protocols::curriculum(a).await,
             Command::Ensemble(a) => cmd::protocols::ensemble(a).await,

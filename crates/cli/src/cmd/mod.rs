@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataset;
 pub mod eval;
 pub mod merge;
+pub mod model;
 pub mod protocols;
 pub mod run;
 pub mod schema;
