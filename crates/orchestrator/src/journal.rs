@@ -16,12 +16,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use lora_spec::contracts::artifact::ArtifactStoreOutput;
-use lora_spec::contracts::config::LoRAConfigOutput;
+use lora_spec::contracts::config::{LoRAConfigOutput, PreflightReport};
 use lora_spec::contracts::dataset::DatasetProfile;
 use lora_spec::contracts::eval::EvalOutput;
 use lora_spec::contracts::merge::MergeOutput;
 use lora_spec::contracts::orchestrator::{
-    AblationResult, EnsembleResult, StopReason, TrialSummary,
+    AblationResult, EnsembleResult, SampleComparison, StopReason, TrialSummary,
 };
 use lora_spec::contracts::training::TrainingOutput;
 
@@ -61,6 +61,9 @@ pub enum Event {
         /// Preflight warnings, shown to the user.
         #[serde(default)]
         warnings: Vec<String>,
+        /// The preflight report (time per step, ETA of a trial), when there was one.
+        #[serde(default)]
+        preflight: Option<Box<PreflightReport>>,
     },
     /// A trial was chosen (by the strategy or the protocol), not started yet.
     Planned {
@@ -142,6 +145,11 @@ pub enum Event {
         /// The merge skill's output.
         output: MergeOutput,
     },
+    /// Before/after generations were made.
+    Sampled {
+        /// The comparisons.
+        samples: Vec<SampleComparison>,
+    },
     /// Everything is done.
     Finished,
 }
@@ -166,6 +174,7 @@ impl Event {
             Self::EnsembleDone { .. } => "ensemble_done",
             Self::MergeStarted { .. } => "merge_started",
             Self::Merged { .. } => "merged",
+            Self::Sampled { .. } => "sampled",
             Self::Finished => "finished",
         }
     }

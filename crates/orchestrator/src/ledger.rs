@@ -6,12 +6,12 @@
 
 use std::collections::BTreeMap;
 
-use lora_spec::contracts::config::LoRAConfigOutput;
+use lora_spec::contracts::config::{LoRAConfigOutput, PreflightReport};
 use lora_spec::contracts::dataset::DatasetProfile;
 use lora_spec::contracts::merge::MergeOutput;
 use lora_spec::contracts::orchestrator::{
-    AblationResult, BudgetState, EnsembleResult, ExperimentState, StopReason, TrialRole,
-    TrialSummary,
+    AblationResult, BudgetState, EnsembleResult, ExperimentState, SampleComparison, StopReason,
+    TrialRole, TrialSummary,
 };
 
 use crate::journal::Event;
@@ -46,6 +46,8 @@ pub struct Ledger {
     pub config: Option<LoRAConfigOutput>,
     /// Preflight warnings.
     pub warnings: Vec<String>,
+    /// The preflight report.
+    pub preflight: Option<PreflightReport>,
     /// Every trial, in order.
     pub trials: Vec<TrialSummary>,
     /// Stage of each trial.
@@ -64,6 +66,8 @@ pub struct Ledger {
     pub merge_started: Option<(String, String)>,
     /// Merge result.
     pub merged: Option<MergeOutput>,
+    /// Before/after generations.
+    pub samples: Option<Vec<SampleComparison>>,
     /// Whether everything is done.
     pub finished: bool,
     /// Budget (used amounts are recomputed from the trials).
@@ -158,9 +162,14 @@ impl Ledger {
                 self.train_path = Some(train_path.clone());
                 self.eval_path = Some(eval_path.clone());
             }
-            Event::Configured { config, warnings } => {
+            Event::Configured {
+                config,
+                warnings,
+                preflight,
+            } => {
                 self.config = Some((**config).clone());
                 self.warnings = warnings.clone();
+                self.preflight = preflight.as_deref().cloned();
             }
             Event::Planned { trial } => {
                 let mut t = (**trial).clone();
@@ -241,6 +250,7 @@ impl Ledger {
                 output_path,
             } => self.merge_started = Some((adapter_path.clone(), output_path.clone())),
             Event::Merged { output } => self.merged = Some(output.clone()),
+            Event::Sampled { samples } => self.samples = Some(samples.clone()),
             Event::Finished => self.finished = true,
         }
     }
@@ -259,6 +269,7 @@ impl Ledger {
             merged_path: self.merged.as_ref().map(|m| m.merged_path.clone()),
             ablation: self.ablation.clone(),
             ensemble: self.ensemble.clone(),
+            samples: self.samples.clone().unwrap_or_default(),
             reports: Vec::new(),
             finished: self.finished,
         }

@@ -392,6 +392,22 @@ fn markdown(
                 .unwrap_or_else(|| "-".into()),
         );
     }
+    if !state.samples.is_empty() {
+        let _ = writeln!(s, "## Before / after (greedy, held-out prompts)\n");
+        for x in &state.samples {
+            let _ = writeln!(
+                s,
+                "**{}**\n\n- base: {}\n- fine-tuned: {}\n- reference: {}\n",
+                x.prompt
+                    .clone()
+                    .unwrap_or_else(|| format!("row {}", x.index))
+                    .replace('\n', " "),
+                x.before.trim().replace('\n', " "),
+                x.after.trim().replace('\n', " "),
+                x.reference.trim().replace('\n', " ")
+            );
+        }
+    }
     if !images.is_empty() {
         let _ = writeln!(s, "## Plots\n");
         for (title, rel) in images {

@@ -17,7 +17,8 @@ use lora_spec::contracts::hpo::{HPOInput, HPOOutput, TrialRecord};
 use lora_spec::contracts::merge::{ExportFormat, GgufQuantization, MergeInput, MergeOutput};
 use lora_spec::contracts::names;
 use lora_spec::contracts::orchestrator::{
-    BudgetState, ExperimentState, LoRATrainerInput, StopReason, TrialRole, TrialSummary,
+    BudgetState, ExperimentState, LoRATrainerInput, SampleComparison, StopReason, TrialRole,
+    TrialSummary,
 };
 use lora_spec::contracts::training::{
     TrainingInput, TrainingReport, TrainingRequest, TrainingStatus,
@@ -292,6 +293,7 @@ impl<'a> Run<'a> {
         self.step3_trials().await?;
         self.protocol_epilogue().await?;
         self.step4_merge().await?;
+        self.sample_generations().await?;
         self.write_reports()?;
         self.record(Event::Finished)?;
         Ok(())
@@ -479,12 +481,14 @@ impl<'a> Run<'a> {
                     .filter_map(|w| w.as_str().map(String::from)),
             );
         }
+        // The skills warned already; the orchestrator's log keeps them.
         for w in &warnings {
-            self.ctx.warn(format!("preflight: {w}"));
+            self.ctx.debug(format!("preflight warning: {w}"));
         }
         if self.input.dry_run {
             self.ledger.config = Some(config);
             self.ledger.warnings = warnings;
+            self.ledger.preflight = report;
             let line = self.narrate_config();
             self.say(line);
             return Ok(());
@@ -492,6 +496,7 @@ impl<'a> Run<'a> {
         self.record(Event::Configured {
             config: Box::new(config),
             warnings,
+            preflight: report.map(Box::new),
         })
     }
 
@@ -719,6 +724,16 @@ impl<'a> Run<'a> {
         self.prediction_ratio = (pred > 0.0).then(|| (act / pred).clamp(0.1, 10.0));
         let predicted = match raw {
             Some(h) => Some(h * self.prediction_ratio.unwrap_or(1.0)),
+            None if self.ledger.finished_trials().all(|t| t.training_steps == 0) => {
+                // No estimate from the trainer and no history: the preflight's ETA,
+                // scaled by the trial's steps.
+                self.ledger.preflight.as_ref().and_then(|p| {
+                    let eta = p.eta_hours.filter(|h| h.is_finite() && *h > 0.0)?;
+                    let base_steps = p.total_steps.filter(|s| *s > 0)?;
+                    let n = steps.unwrap_or(base_steps);
+                    Some(eta * n as f64 / base_steps as f64)
+                })
+            }
             None => {
                 // No estimate from the trainer: hours per step from history.
                 let (h, s): (f64, u64) = self
@@ -1215,6 +1230,66 @@ impl<'a> Run<'a> {
         self.record(Event::Merged { output: out.data })
     }
 
+    /// Before/after: the base model and the best adapter answer the first
+    /// held-out prompts (greedy), so the user sees what the fine-tune changed.
+    async fn sample_generations(&mut self) -> Result<(), SkillError> {
+        const SAMPLES: u32 = 3;
+        if self.ledger.samples.is_some() {
+            return Ok(());
+        }
+        let Some(best) = self.ledger.best().cloned() else {
+            return Ok(());
+        };
+        let Some(mut adapter) = best.adapter_path.clone() else {
+            return Ok(());
+        };
+        if let Some(en) = &self.ledger.ensemble
+            && let (Some(c), Some(m)) = (&en.combined_adapter, en.ensemble_metric)
+            && best.record.objective.is_none_or(|b| m < b)
+        {
+            adapter = c.clone();
+        }
+        self.ctx.check_cancelled()?;
+        let generate = |a: Option<String>| {
+            let mut r = self.eval_request(a, false);
+            r.generate_samples = Some(SAMPLES);
+            r.max_samples = Some(u64::from(SAMPLES));
+            r.max_new_tokens = Some(48);
+            r.compute_perplexity = false;
+            r
+        };
+        let before: StepResult<EvalReport> = self
+            .registry
+            .call(names::EVAL, &generate(None), &self.ctx)
+            .await?;
+        let after: StepResult<EvalReport> = self
+            .registry
+            .call(names::EVAL, &generate(Some(adapter)), &self.ctx)
+            .await?;
+        let prompts = self
+            .ledger
+            .eval_path
+            .as_deref()
+            .map(read_prompts)
+            .unwrap_or_default();
+        let samples: Vec<SampleComparison> = after
+            .data
+            .generations
+            .iter()
+            .map(|a| {
+                let b = before.data.generations.iter().find(|b| b.index == a.index);
+                SampleComparison {
+                    index: a.index,
+                    prompt: prompts.get(a.index as usize).cloned().flatten(),
+                    reference: a.reference.clone(),
+                    before: b.map(|b| b.completion.clone()).unwrap_or_default(),
+                    after: a.completion.clone(),
+                }
+            })
+            .collect();
+        self.record(Event::Sampled { samples })
+    }
+
     fn merge_format(&self) -> ExportFormat {
         if self.spec.output.export_format != ExportFormat::default() {
             self.spec.output.export_format
@@ -1486,6 +1561,20 @@ impl<'a> Run<'a> {
                     .map(|d| format!(", max |logit diff| {d:.2e}"))
                     .unwrap_or_default()
             ),
+            Event::Sampled { samples } => {
+                let mut t = format!("before/after on {} held-out prompts:", samples.len());
+                for x in samples {
+                    t.push_str(&format!(
+                        "\n  [{}] {}\n      base:       {}\n      fine-tuned: {}\n      reference:  {}",
+                        x.index,
+                        x.prompt.clone().unwrap_or_default().replace('\n', " "),
+                        x.before.trim().replace('\n', " "),
+                        x.after.trim().replace('\n', " "),
+                        x.reference.trim().replace('\n', " ")
+                    ));
+                }
+                t
+            }
             Event::Finished => format!("done: everything is in {}", self.dir.display()),
         })
     }
@@ -1578,6 +1667,37 @@ fn preflight_error(e: SkillError, who: &str) -> SkillError {
     out.hint =
         Some(hint.unwrap_or_else(|| "nothing was trained; fix the spec and run again".into()));
     out
+}
+
+/// The prompt of each row of a JSON-lines file (`instruction` + `input`,
+/// `prompt`, `question`, or the last user message), for showing generations.
+fn read_prompts(path: &str) -> Vec<Option<String>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
+            if let Some(i) = s("instruction") {
+                return Some(match s("input").filter(|x| !x.is_empty()) {
+                    Some(inp) => format!("{i}\n{inp}"),
+                    None => i,
+                });
+            }
+            s("prompt").or_else(|| s("question")).or_else(|| {
+                v.get("messages")?
+                    .as_array()?
+                    .iter()
+                    .rev()
+                    .find(|m| m.get("role").and_then(|r| r.as_str()) == Some("user"))?
+                    .get("content")?
+                    .as_str()
+                    .map(String::from)
+            })
+        })
+        .collect()
 }
 
 /// The device name the training and eval skills read.

@@ -170,6 +170,14 @@ fn the_loop_runs_trials_merges_and_reports() {
         evals.iter().filter(|e| e["compute_delta"] == true).count(),
         1
     );
+    // Before/after generations on held-out prompts, journaled.
+    assert_eq!(s.samples.len(), 3);
+    assert!(s.samples[0].prompt.as_deref().unwrap().starts_with("add "));
+    assert_ne!(s.samples[0].before, s.samples[0].after);
+    assert!(
+        out.output_text
+            .contains("before/after on 3 held-out prompts")
+    );
     // Step 1..4 narrated.
     for step in ["Step 1/4", "Step 2/4", "Step 3/4", "Step 4/4"] {
         assert!(

@@ -260,6 +260,21 @@ pub struct EnsembleResult {
     pub best_member_metric: Option<f64>,
 }
 
+/// One held-out prompt answered by the base model and by the fine-tuned one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SampleComparison {
+    /// Row of the held-out data.
+    pub index: u64,
+    /// The prompt (the row's instruction / prompt / question), when readable.
+    pub prompt: Option<String>,
+    /// The reference answer.
+    pub reference: String,
+    /// The base model's completion.
+    pub before: String,
+    /// The fine-tuned model's completion.
+    pub after: String,
+}
+
 /// `ExperimentState` (seed 001): what the orchestrator returns as `data`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
 pub struct ExperimentState {
@@ -292,6 +307,9 @@ pub struct ExperimentState {
     /// Ensemble result (protocol ensemble).
     #[serde(default)]
     pub ensemble: Option<EnsembleResult>,
+    /// Before/after generations on held-out prompts (base vs the merged adapter).
+    #[serde(default)]
+    pub samples: Vec<SampleComparison>,
     /// Reports written (markdown, HTML, SVG plots, state JSON).
     #[serde(default)]
     pub reports: Vec<String>,
