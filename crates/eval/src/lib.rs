@@ -93,6 +93,8 @@ pub fn evaluate(
     }
     let max_len = req.max_seq_length.unwrap_or(1024).max(8) as usize;
     let mut samples = Vec::with_capacity(rows.len());
+    // The row each scored sample came from (rows without a target are skipped).
+    let mut row_of = Vec::with_capacity(rows.len());
     for (i, s) in rows.iter().enumerate() {
         let (mut t, _) = pipeline.tokenize(s, false).map_err(|e| {
             SkillError::from(e)
@@ -102,6 +104,7 @@ pub fn evaluate(
         t.truncate(max_len);
         if t.n_targets() > 0 {
             samples.push(t);
+            row_of.push(i);
         }
     }
     if samples.is_empty() {
@@ -147,6 +150,25 @@ pub fn evaluate(
         None
     };
     bar.finish("scored");
+    let sample_losses = if req.per_sample {
+        let mut out = vec![None; rows.len()];
+        let mut bar = ctx.progress("per-sample loss", Some(samples.len() as u64), "samples");
+        for (k, &row) in row_of.iter().enumerate() {
+            ctx.check_cancelled()?;
+            let one = collate(&samples, &[vec![k]], pipeline.pad_id, 8, device);
+            let st = evaluate_batches(
+                &EngineModel { model: &model },
+                std::slice::from_ref(&one),
+                DEFAULT_CHUNK_ELEMENTS,
+            )?;
+            out[row] = Some(st.mean());
+            bar.update(k as u64 + 1, None, &[]);
+        }
+        bar.finish("scored per sample");
+        Some(out)
+    } else {
+        None
+    };
 
     let n_gen = req.generate_samples.unwrap_or(0) as usize;
     let mut generations = Vec::new();
@@ -226,6 +248,7 @@ pub fn evaluate(
         generation_tokens_per_s: gen_speed,
         device: device_name(device),
         output: out,
+        sample_losses,
     };
     let mut text = format!(
         "eval loss {:.4} (perplexity {:.2}), token accuracy {:.3} on {} samples / {} tokens",
@@ -364,6 +387,28 @@ mod tests {
             plain.output.eval_loss
         );
         assert_eq!(plain.output.delta_vs_base_loss, Some(0.0));
+        assert_eq!(plain.sample_losses, None, "only when asked");
+
+        // Per-sample losses (a loss-based curriculum's scores): one per row, in
+        // file order, each the loss that row has when evaluated alone.
+        let mut per = no_adapter.clone();
+        per.per_sample = true;
+        let losses = evaluate(&per, &ctx).unwrap().data.sample_losses.unwrap();
+        assert_eq!(losses.len(), 3);
+        let second = work.path().join("second.jsonl");
+        std::fs::write(
+            &second,
+            "{\"instruction\": \"one two three\", \"output\": \"four five six\"}\n",
+        )
+        .unwrap();
+        let mut alone = no_adapter.clone();
+        alone.eval_dataset_path = second.display().to_string();
+        let alone = evaluate(&alone, &ctx).unwrap().data.output.eval_loss;
+        assert!(
+            (losses[1].unwrap() - alone).abs() < 1e-6,
+            "{losses:?} vs {alone}"
+        );
+        assert!(losses.iter().all(|l| l.is_some_and(f64::is_finite)));
         let _ = std::fs::remove_dir_all(model_dir.parent().unwrap());
     }
 }

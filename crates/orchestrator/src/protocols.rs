@@ -5,16 +5,19 @@
 //!   baseline; the epilogue builds the comparison table (metric, delta vs the
 //!   baseline, best point), which the report plots;
 //! - curriculum: one trial per stage, stage k starting from stage k-1's
-//!   adapter (`init_adapter`), stages from named files or by length;
+//!   adapter (`init_adapter`), stages from named files or split by
+//!   difficulty: length, words, or the base model's loss per sample (scored
+//!   once by the eval skill with `per_sample`, cached in `data/`);
 //! - ensemble: diverse members (seeds, ranks, learning rates, target sets),
 //!   weights from their eval losses, the adapters combined by the merge skill
 //!   (PEFT `add_weighted_adapter` semantics), the combination evaluated
 //!   against the best member.
 //!
-//! Plans are pure functions of the spec (and, for length-based curriculum
-//! stages, of the data), so a resumed run plans exactly the same trials.
-//! The protocol skills of `lora-protocols` (issue 4) are not registered in
-//! this build yet; the generators here follow seed 001 §9's rules.
+//! Plans are pure functions of the spec (and, for difficulty-split curriculum
+//! stages, of the data and the base model's deterministic losses), so a
+//! resumed run plans exactly the same trials. The generators here follow
+//! seed 001 §9's rules; the orchestrator names no skill crate, so it does not
+//! call `lora-protocols`' code directly.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +27,7 @@ use lora_spec::contracts::names;
 use lora_spec::contracts::orchestrator::{
     AblationResult, AblationRow, EnsembleResult, TrialRole, TrialSummary,
 };
+use lora_spec::contracts::protocols::DifficultyMeasure;
 use lora_spec::contracts::training::TrainingRequest;
 use lora_spec::experiment::{Combination, ProtocolType, StageSection, Weighting};
 use lora_spec::training_config::{parse_preset, preset_trial_field};
@@ -40,7 +44,7 @@ pub(crate) async fn plan(run: &mut Run<'_>) -> Result<Vec<PlannedTrial>, SkillEr
     match run.spec().protocol.kind {
         ProtocolType::Standard => Ok(Vec::new()),
         ProtocolType::Ablation => ablation_plan(run),
-        ProtocolType::Curriculum => curriculum_plan(run),
+        ProtocolType::Curriculum => curriculum_plan(run).await,
         ProtocolType::Ensemble => Ok(ensemble_plan(run)),
     }
 }
@@ -217,30 +221,90 @@ fn ablation_plan(run: &Run<'_>) -> Result<Vec<PlannedTrial>, SkillError> {
     Ok(plan)
 }
 
-/// Splits JSON lines by length (characters) into `n` stages, shortest first; written once.
-fn length_stages(src: &Path, n: u32, out: &Path) -> Result<Vec<StageSection>, SkillError> {
+fn measure_name(m: DifficultyMeasure) -> &'static str {
+    match m {
+        DifficultyMeasure::Length => "length",
+        DifficultyMeasure::Words => "words",
+        DifficultyMeasure::Loss => "loss",
+    }
+}
+
+/// The base model's loss on every row of `train` (eval skill, `per_sample`),
+/// measured once and kept in `data/loss_scores.json` for resumes.
+async fn loss_scores(
+    run: &Run<'_>,
+    train: &str,
+    data_dir: &Path,
+) -> Result<Vec<Option<f64>>, SkillError> {
+    let cache = data_dir.join("loss_scores.json");
+    if let Ok(text) = std::fs::read_to_string(&cache)
+        && let Ok(v) = serde_json::from_str::<Value>(&text)
+        && v["dataset"] == train
+        && let Ok(scores) = serde_json::from_value::<Vec<Option<f64>>>(v["scores"].clone())
+    {
+        return Ok(scores);
+    }
+    let scores = run.sample_losses(train).await?;
+    let doc = serde_json::json!({"dataset": train, "scores": scores});
+    lora_skill::fs::write_json_atomic(&cache, &doc)
+        .map_err(|e| OrchestratorError::io(&cache, e))?;
+    Ok(scores)
+}
+
+/// Splits JSON lines into `n` stages by increasing difficulty (ties keep file
+/// order; rows keep file order inside a stage): characters of the line, its
+/// words, or the given per-row loss (`None`: nothing to learn, easiest).
+/// Stage files are rewritten only when their content changes.
+fn difficulty_stages(
+    src: &Path,
+    n: u32,
+    measure: DifficultyMeasure,
+    scores: Option<&[Option<f64>]>,
+    out: &Path,
+) -> Result<Vec<StageSection>, SkillError> {
     let text = std::fs::read_to_string(src).map_err(|e| OrchestratorError::io(src, e))?;
-    let mut lines: Vec<(usize, usize, &str)> = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if let Some(s) = scores
+        && s.len() != lines.len()
+    {
+        return Err(invalid(
+            "curriculum.measure",
+            format!(
+                "the eval skill scored {} rows of {} but it has {} non-empty lines",
+                s.len(),
+                src.display(),
+                lines.len()
+            ),
+            "every row must be a sample the eval skill can render (see `lora-trainer dataset analyze`)",
+        ));
+    }
+    let mut rows: Vec<(f64, usize, &str)> = lines
+        .iter()
         .enumerate()
-        .map(|(i, l)| (l.chars().count(), i, l))
+        .map(|(i, l)| {
+            let d = match (measure, scores) {
+                (DifficultyMeasure::Loss, Some(s)) => s[i].unwrap_or(0.0),
+                (DifficultyMeasure::Words, _) => l.split_whitespace().count() as f64,
+                _ => l.chars().count() as f64,
+            };
+            (d, i, *l)
+        })
         .collect();
-    lines.sort();
+    rows.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     let n = n.max(1) as usize;
-    let per = lines.len().div_ceil(n).max(1);
+    let per = rows.len().div_ceil(n).max(1);
     let mut stages = Vec::new();
-    for (k, chunk) in lines.chunks(per).enumerate() {
-        let mut rows: Vec<&(usize, usize, &str)> = chunk.iter().collect();
-        rows.sort_by_key(|r| r.1);
-        let body: String = rows.iter().map(|r| format!("{}\n", r.2)).collect();
+    for (k, chunk) in rows.chunks(per).enumerate() {
+        let mut chunk: Vec<&(f64, usize, &str)> = chunk.iter().collect();
+        chunk.sort_by_key(|r| r.1);
+        let body: String = chunk.iter().map(|r| format!("{}\n", r.2)).collect();
         let path = out.join(format!("stage_{k}.jsonl"));
         if std::fs::read_to_string(&path).ok().as_deref() != Some(body.as_str()) {
             lora_skill::fs::write_atomic(&path, body.as_bytes())
                 .map_err(|e| OrchestratorError::io(&path, e))?;
         }
         stages.push(StageSection {
-            name: format!("length-{}", k + 1),
+            name: format!("{}-{}", measure_name(measure), k + 1),
             path: path.display().to_string(),
             epochs: 1.0,
         });
@@ -248,7 +312,7 @@ fn length_stages(src: &Path, n: u32, out: &Path) -> Result<Vec<StageSection>, Sk
     Ok(stages)
 }
 
-fn curriculum_plan(run: &Run<'_>) -> Result<Vec<PlannedTrial>, SkillError> {
+async fn curriculum_plan(run: &Run<'_>) -> Result<Vec<PlannedTrial>, SkillError> {
     let c = run.spec().protocol.curriculum.clone().unwrap_or_default();
     let train = run
         .ledger()
@@ -262,13 +326,24 @@ fn curriculum_plan(run: &Run<'_>) -> Result<Vec<PlannedTrial>, SkillError> {
         if run.is_dry_run() {
             (0..n)
                 .map(|k| StageSection {
-                    name: format!("length-{}", k + 1),
+                    name: format!("{}-{}", measure_name(c.measure), k + 1),
                     path: train.clone(),
                     epochs: 1.0,
                 })
                 .collect()
         } else {
-            length_stages(Path::new(&train), n, &run.dir().join("data"))?
+            let data_dir = run.dir().join("data");
+            let scores = match c.measure {
+                DifficultyMeasure::Loss => Some(loss_scores(run, &train, &data_dir).await?),
+                _ => None,
+            };
+            difficulty_stages(
+                Path::new(&train),
+                n,
+                c.measure,
+                scores.as_deref(),
+                &data_dir,
+            )?
         }
     };
     let base = run.base_config(0);

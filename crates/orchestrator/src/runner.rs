@@ -1612,6 +1612,23 @@ impl Run<'_> {
     pub(crate) fn log_line(&mut self, line: String) {
         self.say(line)
     }
+    /// Each row's loss under the base model (the eval skill with `per_sample`):
+    /// a loss-based curriculum's difficulty scores.
+    pub(crate) async fn sample_losses(
+        &self,
+        dataset: &str,
+    ) -> Result<Vec<Option<f64>>, SkillError> {
+        let mut input = self.eval_request(None, false);
+        input.eval_dataset_path = dataset.to_string();
+        input.compute_perplexity = false;
+        input.per_sample = true;
+        let out: StepResult<EvalReport> =
+            self.registry.call(names::EVAL, &input, &self.ctx).await?;
+        out.data.sample_losses.ok_or_else(|| {
+            SkillError::backend("the eval skill returned no sample_losses for a per_sample request")
+                .with_hint("register an eval skill that supports `per_sample`")
+        })
+    }
     pub(crate) async fn run_eval(&self, adapter: &str) -> Result<EvalOutput, SkillError> {
         let input = self.eval_request(Some(adapter.to_string()), false);
         let out: StepResult<EvalReport> =

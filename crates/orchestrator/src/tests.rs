@@ -6,7 +6,9 @@ use std::path::Path;
 
 use lora_skill::{ErrorKind, MemorySink, SkillContext, SkillError, StepResult};
 use lora_spec::contracts::names;
-use lora_spec::contracts::orchestrator::{ExperimentState, LoRATrainerInput, StopReason};
+use lora_spec::contracts::orchestrator::{
+    ExperimentState, LoRATrainerInput, StopReason, TrialRole,
+};
 use lora_spec::experiment::ExperimentSpec;
 use serde_json::json;
 
@@ -839,6 +841,53 @@ fn curriculum_stages_start_from_the_previous_adapter() {
         .min()
         .unwrap();
     assert!(max0 <= min1);
+    // By the base model's loss (the double's loss falls with length): the eval
+    // skill scores every row once (per_sample, no adapter), the hardest rows
+    // (the shortest here) come last, and a resume reuses the cached scores.
+    let s = spec(
+        dir.path(),
+        json!({"experiment_name": "byloss", "protocol": {"type": "curriculum", "curriculum": {"num_stages": 2, "measure": "loss"}}}),
+    );
+    let d = Doubles::new();
+    let st = run(&d, &input(s.clone())).data;
+    assert_eq!(st.trial_history.len(), 2);
+    assert_eq!(
+        st.trial_history[1].role,
+        TrialRole::Stage {
+            index: 1,
+            name: "loss-2".into(),
+            dataset_path: dir
+                .path()
+                .join("runs/byloss/data/stage_1.jsonl")
+                .display()
+                .to_string()
+        }
+    );
+    let scored: Vec<_> = d
+        .calls_to(names::EVAL)
+        .into_iter()
+        .filter(|c| c["per_sample"] == true)
+        .collect();
+    assert_eq!(scored.len(), 1, "scored once");
+    assert!(scored[0]["adapter_path"].is_null(), "by the base model");
+    let lens = |k: u32| -> Vec<usize> {
+        std::fs::read_to_string(dir.path().join(format!("runs/byloss/data/stage_{k}.jsonl")))
+            .unwrap()
+            .lines()
+            .map(|l| l.chars().count())
+            .collect()
+    };
+    assert!(
+        lens(0).iter().min() >= lens(1).iter().max(),
+        "{:?} {:?}",
+        lens(0),
+        lens(1)
+    );
+    assert!(
+        dir.path()
+            .join("runs/byloss/data/loss_scores.json")
+            .is_file()
+    );
 }
 
 #[test]

@@ -2,8 +2,9 @@
 //! its own epochs; stage k starts from stage k-1's adapter (the orchestrator
 //! does that). Stages come from named files (`{"easy": "e.jsonl", "hard":
 //! "h.jsonl"}`, in the given order) or from one JSONL dataset split by a
-//! difficulty score (the length of the sample's text for now; loss-based
-//! scoring needs the eval skill and is left to the orchestrator).
+//! difficulty score: the length of the sample's text, its words, or the base
+//! model's loss on it (scores the eval skill measures with `per_sample`; this
+//! crate holds no model, so loss scores are passed in).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -113,14 +114,32 @@ fn text_of(v: &Value, out: &mut String) {
     }
 }
 
-/// The difficulty score of one sample.
-pub fn difficulty(sample: &Value, measure: DifficultyMeasure) -> f64 {
+/// The difficulty score of one sample from its text; `None` for
+/// [`DifficultyMeasure::Loss`], which needs a model (pass scores instead).
+pub fn difficulty(sample: &Value, measure: DifficultyMeasure) -> Option<f64> {
     let mut s = String::new();
     text_of(sample, &mut s);
     match measure {
-        DifficultyMeasure::Length => s.trim_end().chars().count() as f64,
-        DifficultyMeasure::Words => s.split_whitespace().count() as f64,
+        DifficultyMeasure::Length => Some(s.trim_end().chars().count() as f64),
+        DifficultyMeasure::Words => Some(s.split_whitespace().count() as f64),
+        DifficultyMeasure::Loss => None,
     }
+}
+
+fn missing_scores(dataset: &Path, given: usize, rows: Option<usize>) -> ProtocolError {
+    ProtocolError::invalid(
+        "scores",
+        format!(
+            "measure `loss` needs one score per sample of {}: {given} given{}",
+            dataset.display(),
+            rows.map(|r| format!(" for {r} samples")).unwrap_or_default()
+        ),
+        Some(
+            "take `sample_losses` from the eval skill run with `per_sample: true` on the base model \
+             (the orchestrator and `lora-trainer curriculum --measure loss --model DIR` do this)"
+                .into(),
+        ),
+    )
 }
 
 fn stage_names(n: usize) -> Vec<String> {
@@ -133,10 +152,13 @@ fn stage_names(n: usize) -> Vec<String> {
 
 /// Splits a JSONL dataset into `n` stages of equal size by increasing
 /// difficulty (ties keep file order); writes `<stem>.<name>.jsonl` into `out_dir`.
+/// `scores` (one per non-empty line; `None` = nothing to learn, easiest) are
+/// required by [`DifficultyMeasure::Loss`] and ignored otherwise.
 pub fn split_by_difficulty(
     dataset: &Path,
     n: usize,
     measure: DifficultyMeasure,
+    scores: &[Option<f64>],
     epochs: &[f64],
     out_dir: &Path,
 ) -> Result<Vec<CurriculumStage>, ProtocolError> {
@@ -160,7 +182,17 @@ pub fn split_by_difficulty(
             line: i as u64 + 1,
             message: format!("not a JSON object: {e}"),
         })?;
-        rows.push((difficulty(&v, measure), line));
+        let score = match difficulty(&v, measure) {
+            Some(d) => d,
+            None => match scores.get(rows.len()) {
+                Some(s) => s.unwrap_or(0.0),
+                None => return Err(missing_scores(dataset, scores.len(), None)),
+            },
+        };
+        rows.push((score, line));
+    }
+    if measure == DifficultyMeasure::Loss && scores.len() != rows.len() {
+        return Err(missing_scores(dataset, scores.len(), Some(rows.len())));
     }
     if rows.len() < n {
         return Err(ProtocolError::invalid(
@@ -244,6 +276,7 @@ mod tests {
             &d,
             3,
             DifficultyMeasure::Length,
+            &[],
             &[2.0],
             &dir.path().join("st"),
         )
@@ -258,10 +291,48 @@ mod tests {
         let easy = std::fs::read_to_string(&s[0].dataset_path).unwrap();
         assert_eq!(easy.lines().count(), 2);
         std::fs::write(&d, "{\"a\": 1}\nnot json\n").unwrap();
-        let e = split_by_difficulty(&d, 1, DifficultyMeasure::Length, &[], dir.path()).unwrap_err();
+        let e = split_by_difficulty(&d, 1, DifficultyMeasure::Length, &[], &[], dir.path())
+            .unwrap_err();
         assert!(
             matches!(e, ProtocolError::Malformed { line: 2, .. }),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn loss_split_orders_by_the_given_scores() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("data.jsonl");
+        // Long but easy, short but hard: the loss order is not the length order.
+        let lines: Vec<String> = (0..4)
+            .map(|i| {
+                serde_json::json!({"instruction": "x".repeat(40 - 10 * i), "output": i}).to_string()
+            })
+            .collect();
+        std::fs::write(&d, lines.join("\n") + "\n\n").unwrap();
+        let scores = [Some(0.5), Some(2.5), None, Some(1.5)];
+        let s = split_by_difficulty(
+            &d,
+            2,
+            DifficultyMeasure::Loss,
+            &scores,
+            &[],
+            &dir.path().join("st"),
+        )
+        .unwrap();
+        assert_eq!(s[0].difficulty, Some((0.0, 0.5)));
+        assert_eq!(s[1].difficulty, Some((1.5, 2.5)));
+        let easy = std::fs::read_to_string(&s[0].dataset_path).unwrap();
+        assert_eq!(easy, format!("{}\n{}\n", lines[2], lines[0]));
+        // Scores missing or of the wrong count: an error naming `scores`.
+        for bad in [&scores[..0], &scores[..3]] {
+            let e = split_by_difficulty(&d, 2, DifficultyMeasure::Loss, bad, &[], dir.path())
+                .unwrap_err();
+            let ProtocolError::Invalid { field, hint, .. } = &e else {
+                panic!("{e:?}")
+            };
+            assert_eq!(field, "scores");
+            assert!(hint.as_deref().unwrap().contains("per_sample"), "{e:?}");
+        }
     }
 }

@@ -167,7 +167,14 @@ impl Skill for CurriculumSkill {
                         .unwrap_or_else(|| ctx.work_dir().to_path_buf()),
                 };
                 let n = input.num_stages.unwrap_or(3) as usize;
-                curriculum::split_by_difficulty(&data, n, input.measure, &input.epochs, &out_dir)?
+                curriculum::split_by_difficulty(
+                    &data,
+                    n,
+                    input.measure,
+                    &input.scores,
+                    &input.epochs,
+                    &out_dir,
+                )?
             }
             _ => {
                 return Err(ProtocolError::invalid(

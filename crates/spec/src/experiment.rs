@@ -165,9 +165,14 @@ pub struct CurriculumSection {
     /// Explicit stages, in order.
     #[serde(default)]
     pub stages: Vec<StageSection>,
-    /// Or split the dataset by difficulty into this many stages (by length).
+    /// Or split the dataset by difficulty into this many stages.
     #[serde(default)]
     pub num_stages: Option<u32>,
+    /// The difficulty of a split: `length` (characters, the default), `words`,
+    /// or `loss` (the base model's mean token loss per sample, measured by
+    /// the eval skill before the first stage).
+    #[serde(default)]
+    pub measure: crate::contracts::protocols::DifficultyMeasure,
 }
 
 /// How ensemble members are weighted.

@@ -47,6 +47,9 @@ pub struct Args {
     /// CPU threads for libtorch.
     #[arg(long)]
     pub threads: Option<u32>,
+    /// Also report each row's loss (`sample_losses` in the JSON).
+    #[arg(long)]
+    pub per_sample: bool,
     /// Print the EvalReport as JSON.
     #[arg(long)]
     pub json: bool,
@@ -71,6 +74,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         seed: None,
         device: args.device.clone(),
         threads: args.threads,
+        per_sample: args.per_sample,
     };
     let cwd = std::env::current_dir().context("reading the current directory")?;
     let ctx = SkillContext::new(cwd)

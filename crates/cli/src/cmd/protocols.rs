@@ -53,15 +53,19 @@ pub struct CurriculumArgs {
     /// A named stage `NAME=PATH` (repeatable, in order: `--stage easy=e.jsonl --stage hard=h.jsonl`).
     #[arg(long, value_name = "NAME=PATH")]
     pub stage: Vec<String>,
-    /// Or one JSONL dataset split by difficulty (text length).
+    /// Or one JSONL dataset split by difficulty.
     #[arg(long)]
     pub dataset: Option<PathBuf>,
     /// Stages of the split.
     #[arg(long, default_value_t = 3)]
     pub stages: u32,
-    /// Difficulty score: `length` (characters) or `words`.
+    /// Difficulty score: `length` (characters), `words`, or `loss` (the
+    /// base model's loss on each sample; needs `--model`).
     #[arg(long, default_value = "length")]
     pub measure: String,
+    /// The base model that scores samples for `--measure loss`.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Epochs: one for every stage or one per stage (`1,1,2`).
     #[arg(long, value_delimiter = ',')]
     pub epochs: Vec<f64>,
@@ -249,7 +253,33 @@ pub async fn curriculum(a: CurriculumArgs) -> anyhow::Result<()> {
     let measure = match a.measure.as_str() {
         "length" => DifficultyMeasure::Length,
         "words" => DifficultyMeasure::Words,
-        other => return Err(Usage(format!("--measure `{other}`: use length or words")).into()),
+        "loss" => DifficultyMeasure::Loss,
+        other => {
+            return Err(Usage(format!("--measure `{other}`: use length, words or loss")).into());
+        }
+    };
+    let scores = if measure == DifficultyMeasure::Loss {
+        let (Some(model), Some(data)) = (&a.model, &a.dataset) else {
+            return Err(Usage(
+                "--measure loss scores --dataset with a model: add --model DIR".into(),
+            )
+            .into());
+        };
+        let req = lora_spec::contracts::eval::EvalRequest {
+            per_sample: true,
+            compute_delta: false,
+            ..lora_spec::contracts::eval::EvalRequest::from(lora_spec::contracts::eval::EvalInput {
+                adapter_path: None,
+                base_model: model.display().to_string(),
+                eval_dataset_path: data.display().to_string(),
+                compute_perplexity: false,
+                compute_delta: false,
+            })
+        };
+        let r = lora_eval::EvalSkill.run(req, &ctx()?).await?;
+        r.data.sample_losses.unwrap_or_default()
+    } else {
+        Vec::new()
     };
     let input = CurriculumInput {
         files,
@@ -258,6 +288,7 @@ pub async fn curriculum(a: CurriculumArgs) -> anyhow::Result<()> {
         measure,
         epochs: a.epochs.clone(),
         output_dir: a.out.as_ref().map(|d| d.display().to_string()),
+        scores,
     };
     let r = lora_protocols::CurriculumSkill.run(input, &ctx()?).await?;
     if a.json {

@@ -91,6 +91,10 @@ pub struct EvalRequest {
     /// CPU threads for libtorch.
     #[serde(default)]
     pub threads: Option<u32>,
+    /// Also report each row's mean token loss (`sample_losses`), in file order:
+    /// the difficulty score of a loss-based curriculum.
+    #[serde(default)]
+    pub per_sample: bool,
 }
 
 impl From<EvalInput> for EvalRequest {
@@ -112,6 +116,7 @@ impl From<EvalInput> for EvalRequest {
             seed: None,
             device: None,
             threads: None,
+            per_sample: false,
         }
     }
 }
@@ -155,4 +160,8 @@ pub struct EvalReport {
     pub generation_tokens_per_s: Option<f64>,
     /// Device used.
     pub device: String,
+    /// With `per_sample`: each evaluated row's mean token loss (nats) under the
+    /// evaluated model, in file order; `null` for a row with no target token.
+    #[serde(default)]
+    pub sample_losses: Option<Vec<Option<f64>>>,
 }

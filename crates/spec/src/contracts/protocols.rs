@@ -116,6 +116,10 @@ pub enum DifficultyMeasure {
     Length,
     /// Whitespace-separated words.
     Words,
+    /// The base model's mean token loss on the sample: what the model finds
+    /// hard, not what is long. Scores come from the eval skill (`per_sample`);
+    /// the orchestrator computes them, a direct caller passes `scores`.
+    Loss,
 }
 
 /// Input of `protocol_curriculum`.
@@ -141,6 +145,11 @@ pub struct CurriculumInput {
     /// Folder for the stage files of a difficulty split (default: beside the dataset).
     #[serde(default)]
     pub output_dir: Option<String>,
+    /// Difficulty per sample of `dataset_path` (its non-empty lines, in order),
+    /// required by `measure: loss`: the eval skill's `sample_losses` for the
+    /// base model (`null`: no target token, scored as easiest).
+    #[serde(default)]
+    pub scores: Vec<Option<f64>>,
 }
 
 /// One curriculum stage.
