@@ -201,25 +201,12 @@ fn example_inputs_validate_against_the_schemas() {
     for s in skills.as_array().unwrap() {
         let name = s["name"].as_str().unwrap();
         let path = root().join(format!("crates/cli/tests/examples/{name}.json"));
-        // Seed 001's skills must have examples; others are checked when they have them.
-        const SEED_001: [&str; 8] = [
-            "dataset_analyze",
-            "lora_config",
-            "training",
-            "eval",
-            "hpo",
-            "artifact_store",
-            "merge",
-            "lora_trainer",
-        ];
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            assert!(
-                !SEED_001.contains(&name),
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+            panic!(
                 "add example inputs for skill `{name}` at {}",
                 path.display()
-            );
-            continue;
-        };
+            )
+        });
         let ex: serde_json::Value = serde_json::from_str(&text).expect("examples are JSON");
         let v = validator(&all[format!("{name}.input")]);
         for good in ex["valid"].as_array().expect("`valid` list") {
