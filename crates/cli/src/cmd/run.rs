@@ -75,6 +75,24 @@ fn resolve_model(spec_value: &str) -> Option<PathBuf> {
     cached.join("config.json").is_file().then_some(cached)
 }
 
+/// `a/b/../c` as `a/c` (no filesystem access), so printed paths are the plain ones.
+fn lexical_normal(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 /// Runs `run`.
 pub async fn run(args: Args, verbose: u8) -> anyhow::Result<()> {
     let (mut spec, _loaded, _) = crate::cmd::validate::resolve(&args.spec, None, &[], None)?;
@@ -105,6 +123,9 @@ pub async fn run(args: Args, verbose: u8) -> anyhow::Result<()> {
         }
     }
     spec.base_config.base_model = Some(spec.base_model.clone());
+    spec.output.dir = lexical_normal(Path::new(&spec.output.dir))
+        .display()
+        .to_string();
     if args.model.is_some() {
         // Another model is another experiment: keep its folder apart.
         let tag = if args.model.as_deref() == Some("tiny") {
@@ -129,7 +150,28 @@ pub async fn run(args: Args, verbose: u8) -> anyhow::Result<()> {
         .with_cancel(render::ctrl_c_token());
     let orch = Orchestrator::new(crate::skills::registry());
     let started = std::time::Instant::now();
-    let result = orch.run(&input, &ctx).await?;
+    let exp_dir = lora_orchestrator::experiment_dir(&input, &ctx);
+    let result = match orch.run(&input, &ctx).await {
+        Ok(r) => r,
+        // A failure once the journal exists (a full disk, a backend error):
+        // every finished step is kept, so say how to continue.
+        Err(mut e)
+            if !e.kind.is_user_error()
+                && exp_dir.join(lora_orchestrator::JOURNAL_FILE).is_file() =>
+        {
+            let again = format!(
+                "every finished step is journaled in {}: fix the cause, then `lora-trainer run {} --resume` continues from there",
+                exp_dir.display(),
+                args.spec.display()
+            );
+            let hint = match e.hint.take() {
+                Some(h) => format!("{h}; {again}"),
+                None => again,
+            };
+            return Err(e.with_hint(hint).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let elapsed = started.elapsed().as_secs_f64();
     let state = &result.data;
     if args.json {
