@@ -278,6 +278,123 @@ fn tokenizer_files(
     Ok((tokenizer, Value::Object(cfg), tokens))
 }
 
+/// llama.cpp's tensor of Llama-3 rope divisors (one per rotary frequency).
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The Llama-3 rope divisor of frequency `freq` (transformers'
+/// `_compute_llama3_parameters`, which llama.cpp's converter writes out as
+/// `rope_freqs.weight`).
+fn llama3_divisor(freq: f32, factor: f64, lo: f64, hi: f64, old: f64) -> f64 {
+    let wl = std::f64::consts::TAU / f64::from(freq);
+    if wl < old / hi {
+        1.0
+    } else if wl > old / lo {
+        factor
+    } else {
+        let s = (old / wl - lo) / (hi - lo);
+        1.0 / ((1.0 - s) / factor + s)
+    }
+}
+
+/// Recovers config.json's `rope_scaling` (rope_type llama3) from the GGUF's
+/// `rope_freqs.weight`, which is all llama.cpp keeps of it. `factor` is the
+/// plateau of the divisors; in the smoothed band each divisor `r` gives
+/// `s = (1/r − 1/factor)/(1 − 1/factor) = orig·x/(hi − lo) − lo/(hi − lo)`
+/// with `x = 1/wavelength`, a line fitted by least squares. A line has two
+/// coefficients and the parameters are three, so one is taken as known: the
+/// original context from `rope.scaling.original_context_length` when the
+/// file has it, else `low_freq_factor = 1` (every Llama 3.x release). The
+/// fitted parameters must reproduce every stored divisor (1e-4 relative),
+/// or the import stops rather than train on a silently different RoPE.
+fn llama3_rope_scaling(m: &Meta<'_>, head_dim: u64, theta: f64) -> Result<Option<Value>> {
+    let Some(info) = m.g.tensor_info(ROPE_FREQS) else {
+        return Ok(None);
+    };
+    let r: Vec<f32> = Vec::<f32>::try_from(m.g.read_f32(info)?.flatten(0, -1))?;
+    let half = (head_dim / 2) as usize;
+    if r.len() != half {
+        return Err(EngineError::format(
+            &m.g.path,
+            format!("{ROPE_FREQS} has {} values, head_dim {head_dim} needs {half}", r.len()),
+        ));
+    }
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let factor = r.iter().fold(1.0f64, |a, &v| a.max(f64::from(v)));
+    if factor - 1.0 < 1e-6 {
+        return Ok(None);
+    }
+    let band: Vec<(f64, f64)> = r
+        .iter()
+        .zip(&freqs)
+        .filter(|(v, _)| {
+            let v = f64::from(**v);
+            v > 1.0 + 1e-5 && v < factor * (1.0 - 1e-5)
+        })
+        .map(|(v, f)| {
+            let s = (1.0 / f64::from(*v) - 1.0 / factor) / (1.0 - 1.0 / factor);
+            (f64::from(*f) / std::f64::consts::TAU, s)
+        })
+        .collect();
+    let known_old = m.u_opt("rope.scaling.original_context_length").map(|v| v as f64);
+    let (lo, hi, old) = if band.len() >= 2 {
+        let n = band.len() as f64;
+        let (sx, sy) = band.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+        let (mx, my) = (sx / n, sy / n);
+        let sxx: f64 = band.iter().map(|(x, _)| (x - mx).powi(2)).sum();
+        let sxy: f64 = band.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+        let a = sxy / sxx;
+        let c = my - a * mx;
+        match known_old {
+            Some(old) => {
+                let width = old / a;
+                let lo = -c * width;
+                (lo, lo + width, old)
+            }
+            None => {
+                let width = -1.0 / c;
+                (1.0, 1.0 + width, a * width)
+            }
+        }
+    } else {
+        (1.0, 4.0, known_old.unwrap_or(8192.0))
+    };
+    // Snap to the round numbers the fit wobbles around (1, 4, 8192).
+    let snap = |v: f64| {
+        let r = v.round();
+        if (v - r).abs() <= 1e-3 * r.abs().max(1.0) { r } else { v }
+    };
+    let (lo, hi, old, factor) = (snap(lo), snap(hi), snap(old), snap(factor));
+    let worst = r
+        .iter()
+        .zip(&freqs)
+        .map(|(v, f)| {
+            let want = f64::from(*v);
+            (llama3_divisor(*f, factor, lo, hi, old) - want).abs() / want
+        })
+        .fold(0.0f64, f64::max);
+    if !(lo > 0.0 && hi > lo && old > 0.0) || worst > 1e-4 {
+        return Err(EngineError::unsupported(
+            format!(
+                "{ROPE_FREQS} in {} does not follow Llama-3 rope scaling (best fit factor {factor}, \
+                 low {lo}, high {hi}, original context {old}: off by {worst:.1e})",
+                m.g.path.display()
+            ),
+            Some(
+                "import the original Hugging Face folder instead (its config.json carries rope_scaling)",
+            ),
+        ));
+    }
+    Ok(Some(json!({
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": lo,
+        "high_freq_factor": hi,
+        "original_max_position_embeddings": old as u64,
+    })))
+}
+
 fn config_json(
     m: &Meta<'_>,
     vocab: usize,
@@ -317,7 +434,10 @@ fn config_json(
     c.insert("max_position_embeddings".into(), json!(ctx));
     c.insert("rms_norm_eps".into(), f32_json(eps));
     c.insert("rope_theta".into(), f32_json(theta));
-    c.insert("rope_scaling".into(), Value::Null);
+    c.insert(
+        "rope_scaling".into(),
+        llama3_rope_scaling(m, head_dim, theta)?.unwrap_or(Value::Null),
+    );
     c.insert("vocab_size".into(), json!(vocab));
     c.insert("tie_word_embeddings".into(), json!(tied));
     if model_type == "llama" {
@@ -377,14 +497,6 @@ pub fn import_gguf(
         arch: arch.clone(),
     };
     let mut warnings = Vec::new();
-    if g.tensor_info("rope_freqs.weight").is_some() {
-        return Err(EngineError::unsupported(
-            "Llama-3 rope scaling stored as rope_freqs.weight",
-            Some(
-                "import the original Hugging Face folder instead (its config.json carries rope_scaling)",
-            ),
-        ));
-    }
     let heads = m.u("attention.head_count")? as i64;
     let kv_heads = m
         .u_opt("attention.head_count_kv")
@@ -422,6 +534,11 @@ pub fn import_gguf(
         let mut parameters = 0u64;
         let total = g.tensors.len();
         for (i, info) in g.tensors.iter().enumerate() {
+            if info.name == ROPE_FREQS {
+                // Carried over as config.json's rope_scaling (see llama3_rope_scaling).
+                progress(i + 1, total);
+                continue;
+            }
             let Some(name) = hf_name(&info.name) else {
                 return Err(EngineError::unsupported(
                     format!(

@@ -96,6 +96,25 @@ fn imported_qwen2_gguf_equals_the_hf_original() {
     check_import("qwen2");
 }
 
+/// Llama-3 rope scaling survives the round trip although the GGUF keeps only
+/// `rope_freqs.weight`: the recovered rope_scaling is the original one and the
+/// logits are transformers'.
+#[test]
+fn imported_llama3_gguf_recovers_the_rope_scaling() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("model");
+    import_gguf(&fixtures().join("llama3.gguf"), &dir, |_, _| {}).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["rope_scaling"],
+        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    );
+    drop(out);
+    check_import("llama3");
+}
+
 #[test]
 fn broken_files_are_reported_with_position() {
     let dir = tempfile::tempdir().unwrap();
