@@ -315,7 +315,10 @@ fn llama3_rope_scaling(m: &Meta<'_>, head_dim: u64, theta: f64) -> Result<Option
     if r.len() != half {
         return Err(EngineError::format(
             &m.g.path,
-            format!("{ROPE_FREQS} has {} values, head_dim {head_dim} needs {half}", r.len()),
+            format!(
+                "{ROPE_FREQS} has {} values, head_dim {head_dim} needs {half}",
+                r.len()
+            ),
         ));
     }
     let freqs: Vec<f32> = (0..half)
@@ -337,10 +340,14 @@ fn llama3_rope_scaling(m: &Meta<'_>, head_dim: u64, theta: f64) -> Result<Option
             (f64::from(*f) / std::f64::consts::TAU, s)
         })
         .collect();
-    let known_old = m.u_opt("rope.scaling.original_context_length").map(|v| v as f64);
+    let known_old = m
+        .u_opt("rope.scaling.original_context_length")
+        .map(|v| v as f64);
     let (lo, hi, old) = if band.len() >= 2 {
         let n = band.len() as f64;
-        let (sx, sy) = band.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+        let (sx, sy) = band
+            .iter()
+            .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
         let (mx, my) = (sx / n, sy / n);
         let sxx: f64 = band.iter().map(|(x, _)| (x - mx).powi(2)).sum();
         let sxy: f64 = band.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
@@ -363,7 +370,11 @@ fn llama3_rope_scaling(m: &Meta<'_>, head_dim: u64, theta: f64) -> Result<Option
     // Snap to the round numbers the fit wobbles around (1, 4, 8192).
     let snap = |v: f64| {
         let r = v.round();
-        if (v - r).abs() <= 1e-3 * r.abs().max(1.0) { r } else { v }
+        if (v - r).abs() <= 1e-3 * r.abs().max(1.0) {
+            r
+        } else {
+            v
+        }
     };
     let (lo, hi, old, factor) = (snap(lo), snap(hi), snap(old), snap(factor));
     let worst = r
