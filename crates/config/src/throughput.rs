@@ -256,6 +256,7 @@ mod tests {
             adapter_dtype: Dtype::F32,
             attention: AttentionImpl::Sdpa,
             loss_chunks: 1,
+            loss_chunk_elements: 0,
             device: device::DeviceKind::Cuda,
         }
     }

@@ -32,6 +32,7 @@ fn setup(recipe: Recipe, targets: &[&str]) -> TrainSetup {
         adapter_dtype: Dtype::Bf16,
         attention: AttentionImpl::Sdpa,
         loss_chunks: 8,
+        loss_chunk_elements: 0,
         device: device::DeviceKind::Cuda,
     }
 }
