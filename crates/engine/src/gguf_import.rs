@@ -151,6 +151,50 @@ fn pre_tokenizer(pre: &str, warnings: &mut Vec<String>) -> Value {
     }
 }
 
+/// The BPE merges of a SentencePiece vocabulary, which llama.cpp stores
+/// without merges (pieces, scores and types only). SentencePiece BPE joins
+/// the adjacent pair whose joined piece scores highest, so every split
+/// `left + right` of a normal piece with both halves in the vocabulary is a
+/// merge, ranked by the joined piece's score (ties: the halves' ids), as
+/// transformers' `SentencePieceExtractor` derives them.
+fn spm_merges(g: &GgufFile, tokens: &[String]) -> Result<Vec<String>> {
+    let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(GgufValue::as_array) {
+        Some(a) if a.len() == tokens.len() => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+        _ => {
+            return Err(EngineError::format(
+                &g.path,
+                "a SentencePiece vocabulary needs `tokenizer.ggml.scores`, one per token",
+            ));
+        }
+    };
+    let types: Vec<u64> = g
+        .get("tokenizer.ggml.token_type")
+        .and_then(GgufValue::as_array)
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let id: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
+    let mut merges: Vec<(f64, usize, usize)> = Vec::new();
+    for (i, piece) in tokens.iter().enumerate() {
+        if types.get(i).copied().unwrap_or(1) != 1 {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (id.get(&piece[..at]), id.get(&piece[at..])) {
+                merges.push((scores[i], l, r));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    Ok(merges
+        .into_iter()
+        .map(|(_, l, r)| format!("{} {}", tokens[l], tokens[r]))
+        .collect())
+}
+
 /// Builds tokenizer.json and tokenizer_config.json from the GGUF vocabulary.
 fn tokenizer_files(
     g: &GgufFile,
@@ -161,16 +205,24 @@ fn tokenizer_files(
         .get("tokenizer.ggml.model")
         .and_then(GgufValue::as_str)
         .unwrap_or("");
-    if model != "gpt2" {
-        return Err(EngineError::unsupported(
-            format!("tokenizer.ggml.model `{model}` in {}", g.path.display()),
-            Some(
-                "only byte-level BPE vocabularies (`gpt2`: Llama 3, SmolLM, Qwen2) are rebuilt; import a model with one, or bring its tokenizer.json",
-            ),
-        ));
-    }
+    let spm = match model {
+        "gpt2" => false,
+        "llama" => true,
+        _ => {
+            return Err(EngineError::unsupported(
+                format!("tokenizer.ggml.model `{model}` in {}", g.path.display()),
+                Some(
+                    "byte-level BPE (`gpt2`: Llama 3, SmolLM, Qwen2) and SentencePiece BPE (`llama`: Llama 2, Mistral) vocabularies are rebuilt; bring the model's tokenizer.json for others",
+                ),
+            ));
+        }
+    };
     let tokens = strings(g, "tokenizer.ggml.tokens")?;
-    let merges = strings(g, "tokenizer.ggml.merges")?;
+    let merges = if spm {
+        spm_merges(g, &tokens)?
+    } else {
+        strings(g, "tokenizer.ggml.merges")?
+    };
     let types: Vec<u64> = match g
         .get("tokenizer.ggml.token_type")
         .and_then(GgufValue::as_array)
@@ -220,7 +272,13 @@ fn tokenizer_files(
         .get("tokenizer.ggml.pre")
         .and_then(GgufValue::as_str)
         .unwrap_or("default");
-    let mut post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
+    let mut post = if spm {
+        json!({"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {}})
+    } else {
+        json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+    };
     if add_bos || add_eos {
         let mut single = Vec::new();
         let mut pair = Vec::new();
@@ -243,19 +301,44 @@ fn tokenizer_files(
         post = json!({"type": "Sequence", "processors": [post,
             {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special}]});
     }
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": pre_tokenizer(pre, warnings),
-        "post_processor": post,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-            "vocab": vocab, "merges": merges}
-    });
+    let tokenizer = if spm {
+        // SentencePiece BPE as transformers' LlamaConverter writes it: spaces
+        // become ▁ with one prepended, unknown bytes fall back to <0xNN>.
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            // Always prepend ▁ (SentencePiece's add_dummy_prefix), even before
+            // leading spaces: Metaspace would skip it there.
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+            "pre_tokenizer": null,
+            "post_processor": post,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                "vocab": vocab, "merges": merges}
+        })
+    } else {
+        json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer(pre, warnings),
+            "post_processor": post,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                "vocab": vocab, "merges": merges}
+        })
+    };
     let mut cfg = Map::new();
     cfg.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
     cfg.insert("add_bos_token".into(), json!(add_bos));

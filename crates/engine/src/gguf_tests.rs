@@ -96,6 +96,42 @@ fn imported_qwen2_gguf_equals_the_hf_original() {
     check_import("qwen2");
 }
 
+/// A SentencePiece vocabulary (llama.cpp keeps pieces, scores and types, no
+/// merges) becomes a tokenizer.json that tokenizes and decodes exactly as the
+/// `sentencepiece` library does: merges, ▁ spaces, byte fallback, no BOS
+/// without special tokens, BOS with them.
+#[test]
+fn imported_sentencepiece_vocabulary_tokenizes_like_sentencepiece() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("model");
+    let report = import_gguf(&fixtures().join("spm.gguf"), &dir, |_, _| {}).unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let (_, load) = LlamaModel::load(&dir, Kind::Float, Device::Cpu).unwrap();
+    assert!(load.is_clean());
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(fixtures().join("spm/tokens.json")).unwrap())
+            .unwrap();
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<i64> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        assert_eq!(tok.encode(text, false).unwrap(), want, "{text:?}");
+        assert_eq!(
+            tok.decode(&want, true).unwrap(),
+            c["decoded"].as_str().unwrap(),
+            "{text:?}"
+        );
+        let with_bos = tok.encode(text, true).unwrap();
+        assert_eq!(with_bos[0], 1, "add_bos_token: <s> first");
+        assert_eq!(&with_bos[1..], &want[..]);
+    }
+}
+
 /// Llama-3 rope scaling survives the round trip although the GGUF keeps only
 /// `rope_freqs.weight`: the recovered rope_scaling is the original one and the
 /// logits are transformers'.
