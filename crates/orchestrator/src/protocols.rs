@@ -371,9 +371,12 @@ async fn curriculum_plan(run: &Run<'_>) -> Result<Vec<PlannedTrial>, SkillError>
         .collect())
 }
 
-/// Deliberately different members: seeds, ranks, learning rates and target sets.
+/// Deliberately different members: seeds, ranks, learning rates and target
+/// sets. Ranks vary only when the combination can join adapters of different
+/// ranks (cat, svd); linear, TIES and DARE need one rank (PEFT's rule).
 fn ensemble_plan(run: &Run<'_>) -> Vec<PlannedTrial> {
     let e = run.spec().protocol.ensemble.clone().unwrap_or_default();
+    let vary_rank = matches!(e.combination, Combination::Cat | Combination::Svd);
     let base = run.base_config(0);
     let space = &run.spec().search_space;
     let lr_factors = [1.0, 0.5, 2.0, 0.75, 1.5];
@@ -382,7 +385,7 @@ fn ensemble_plan(run: &Run<'_>) -> Vec<PlannedTrial> {
             let mut c = base.clone();
             let k = i as usize;
             c.seed = base.seed.wrapping_add(1000 * u64::from(i));
-            if !space.rank_choices.is_empty() {
+            if vary_rank && !space.rank_choices.is_empty() {
                 let start = space
                     .rank_choices
                     .iter()

@@ -906,6 +906,12 @@ fn an_ensemble_trains_members_combines_them_and_compares_with_the_best() {
         .map(|t| t.record.config.seed)
         .collect();
     assert_eq!(seeds.len(), 3, "members differ in seed");
+    let ranks: std::collections::BTreeSet<u32> = st
+        .trial_history
+        .iter()
+        .map(|t| t.record.config.lora_rank)
+        .collect();
+    assert_eq!(ranks.len(), 1, "TIES combines adapters of one rank only");
     let en = st.ensemble.as_ref().unwrap();
     assert_eq!(en.members, [1, 2, 3]);
     assert!((en.weights.iter().sum::<f64>() - 1.0).abs() < 1e-12);
