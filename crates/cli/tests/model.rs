@@ -62,7 +62,13 @@ fn a_gguf_imports_to_a_folder_that_answers_paris() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["num_hidden_layers"], 30);
     // A second import into the same folder refuses to overwrite without --force.
-    let o = run(&["model", "import", gguf.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = run(&[
+        "model",
+        "import",
+        gguf.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("--force"), "{}", text(&o));
 
@@ -81,7 +87,10 @@ fn a_gguf_imports_to_a_folder_that_answers_paris() {
     let g: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let all = g.to_string();
     assert!(all.contains("Paris"), "{all}");
-    assert!(all.contains("token_ids"), "--json adds the token ids: {all}");
+    assert!(
+        all.contains("token_ids"),
+        "--json adds the token ids: {all}"
+    );
 }
 
 #[test]

@@ -260,3 +260,83 @@ fn a_manifest_verifies_and_names_what_drifted() {
     let t = text(&o);
     assert!(t.contains("dataset.sha256"), "{t}");
 }
+
+/// An experiment spec for `run --model tiny` with the given protocol section.
+fn protocol_experiment(dir: &Path, name: &str, protocol: &str) {
+    let rows: Vec<String> = (0..12)
+        .map(|i| {
+            serde_json::json!({
+                "instruction": format!("Count to {}.", i + 1),
+                "input": "",
+                "output": (1..=i + 1).map(|k| k.to_string()).collect::<Vec<_>>().join(" "),
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), rows[..9].join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("eval.jsonl"), rows[9..].join("\n") + "\n").unwrap();
+    std::fs::write(
+        dir.join(format!("{name}.yaml")),
+        format!(
+            "version: \"1.0\"\nexperiment_name: {name}\ndataset:\n  path: train.jsonl\n  eval_path: eval.jsonl\n  format: alpaca\n\
+             config:\n  base_model: tiny\n  lora_rank: 4\n  lora_alpha: 8\n  lora_dropout: 0.0\n  learning_rate: 1e-3\n  \
+             batch_size: 4\n  micro_batch_size: 4\n  max_steps: 3\n  max_seq_length: 48\n\
+             search_space:\n  rank_choices: [4, 8]\n  target_module_sets: [[q_proj, v_proj], [q_proj, k_proj, v_proj, o_proj]]\n\
+             protocol:\n{protocol}\noutput:\n  dir: out\n  merge_after: false\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// The ensemble and a loss-based curriculum through `run` with the real skills
+/// (libtorch training and eval, the merge skill's TIES combination): a TIES
+/// ensemble keeps one rank, writes the combined adapter and its GGUF LoRA and
+/// compares it with the best member; the curriculum scores every training row
+/// with the base model and trains stage k from stage k-1's adapter.
+#[test]
+fn ensemble_and_loss_curriculum_run_with_the_real_skills() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    protocol_experiment(
+        d,
+        "ens",
+        "  type: ensemble\n  ensemble:\n    members: 2\n    combination: ties\n    density: 0.5",
+    );
+    let r = ok_json(d, &["run", "ens.yaml", "--model", "tiny", "--json"]);
+    let state = &r["data"];
+    let ranks: Vec<u64> = state["trial_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["config"]["lora_rank"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ranks, vec![4, 4], "TIES needs one rank");
+    let en = &state["ensemble"];
+    assert!(en["ensemble_metric"].as_f64().unwrap().is_finite(), "{en}");
+    assert!(en["best_member_metric"].as_f64().is_some(), "{en}");
+    let exp = d.join("out/ens-tiny/ensemble");
+    assert!(exp.join("adapter/adapter_config.json").is_file());
+    assert!(exp.join("adapter.gguf").is_file());
+
+    protocol_experiment(
+        d,
+        "cur",
+        "  type: curriculum\n  curriculum:\n    num_stages: 3\n    measure: loss",
+    );
+    let r = ok_json(d, &["run", "cur.yaml", "--model", "tiny", "--json"]);
+    let trials = r["data"]["trial_history"].as_array().unwrap();
+    assert_eq!(trials.len(), 3);
+    let scores: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("out/cur-tiny/data/loss_scores.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(scores["scores"].as_array().unwrap().len(), 9);
+    for (k, t) in trials.iter().enumerate() {
+        assert_eq!(t["role"]["kind"], "stage", "{t}");
+        assert_eq!(t["role"]["index"], k as u64, "{t}");
+        if k > 0 {
+            let from = format!("from stage {k}'s adapter");
+            assert!(t["rationale"].as_str().unwrap().contains(&from), "{t}");
+        }
+    }
+}

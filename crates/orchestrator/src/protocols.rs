@@ -587,18 +587,25 @@ async fn ensemble_combine(run: &mut Run<'_>) -> Result<(), SkillError> {
         .map(|m| m.eval.as_ref().map(|e| e.eval_loss).unwrap_or(f64::MAX))
         .collect();
     result.weights = merge_weights(&losses, e.weighting, e.temperature);
+    // The merge skill writes the combined adapter (PEFT layout) to
+    // `adapter_path`, then exports it; a GGUF LoRA is the cheap export (and
+    // what llama.cpp users load), the folder is what is evaluated.
     let out: PathBuf = run.dir().join("ensemble").join("adapter");
+    let gguf: PathBuf = run.dir().join("ensemble").join("adapter.gguf");
     // Whatever an interrupted combination left is incomplete.
     crate::data::remove_path(&out)?;
+    crate::data::remove_path(&gguf)?;
     let adapters: Vec<String> = members
         .iter()
         .filter_map(|m| m.adapter_path.clone())
         .collect();
     let input = MergeInput {
-        adapter_path: adapters[0].clone(),
+        adapter_path: out.display().to_string(),
         base_model: run.spec().base_model.clone(),
         validate_after_merge: false,
-        output_path: Some(out.display().to_string()),
+        output_path: Some(gguf.display().to_string()),
+        output_format: lora_spec::contracts::merge::ExportFormat::Gguf,
+        gguf_quantization: lora_spec::contracts::merge::GgufQuantization::F16,
         adapter_only: true,
         combination: Some(AdapterCombination {
             adapters,
@@ -611,9 +618,8 @@ async fn ensemble_combine(run: &mut Run<'_>) -> Result<(), SkillError> {
         }),
         ..MergeInput::default()
     };
-    let merged: StepResult<MergeOutput> =
-        run.registry().call(names::MERGE, &input, run.ctx()).await?;
-    let combined = merged.data.merged_path;
+    let _: StepResult<MergeOutput> = run.registry().call(names::MERGE, &input, run.ctx()).await?;
+    let combined = out.display().to_string();
     let ev = run.run_eval(&combined).await?;
     result.ensemble_metric = run.metric_of_eval(&ev);
     result.combined_adapter = Some(combined);

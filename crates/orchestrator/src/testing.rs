@@ -735,14 +735,25 @@ impl Skill for FakeMerge {
         let body = json!({"base": input.base_model, "adapter": input.adapter_path, "fake_eval_loss": loss}).to_string();
         let is_file = out.extension().is_some_and(|e| e == "gguf");
         if let Some(comb) = &input.combination {
-            // Adapter combination: a weighted adapter slightly better than its members' mix.
+            // As the real skill: the combined adapter goes to `adapter_path`
+            // (a new folder), then it is exported to `output_path`. Here it is
+            // a weighted adapter slightly better than its members' mix.
             let mut loss = 0.0;
             for (a, w) in comb.adapters.iter().zip(&comb.weights) {
                 let l = read_fake_loss(&ctx.resolve(a))
                     .ok_or_else(|| SkillError::not_found(format!("{a}: no adapter")))?;
                 loss += w * l;
             }
-            write_fake_adapter(&out, &TrialConfig::default(), loss - 0.02)?;
+            let combined = ctx.resolve(&input.adapter_path);
+            if combined.exists() {
+                return Err(SkillError::invalid_input(format!(
+                    "{} already exists",
+                    combined.display()
+                ))
+                .with_field("combination.adapter_path"));
+            }
+            write_fake_adapter(&combined, &TrialConfig::default(), loss - 0.02)?;
+            lora_skill::fs::write_atomic(&out, body.as_bytes()).map_err(|e| io_err(&out, e))?;
             return Ok(StepResult::new(MergeOutput {
                 merged_path: out.display().to_string(),
                 output_format: input.output_format,
