@@ -109,6 +109,10 @@ pub enum GgmlType {
     Q4_0,
     /// 32-element blocks: f16 scale, f16 min, 16 bytes of 4-bit values.
     Q4_1,
+    /// 32-element blocks: f16 scale, 32 high bits, 16 bytes of low nibbles (offset 16).
+    Q5_0,
+    /// 32-element blocks: f16 scale, f16 min, 32 high bits, 16 bytes of low nibbles.
+    Q5_1,
     /// 256-element super-blocks with 6-bit sub-block scales and mins.
     Q4K,
     /// 256-element super-blocks of 6-bit values with i8 sub-block scales.
@@ -125,6 +129,8 @@ impl GgmlType {
             1 => Self::F16,
             2 => Self::Q4_0,
             3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
             8 => Self::Q8_0,
             12 => Self::Q4K,
             14 => Self::Q6K,
@@ -142,6 +148,8 @@ impl GgmlType {
             Self::Q8_0 => "Q8_0".into(),
             Self::Q4_0 => "Q4_0".into(),
             Self::Q4_1 => "Q4_1".into(),
+            Self::Q5_0 => "Q5_0".into(),
+            Self::Q5_1 => "Q5_1".into(),
             Self::Q4K => "Q4_K".into(),
             Self::Q6K => "Q6_K".into(),
             Self::Other(id) => format!("ggml type {id}"),
@@ -156,6 +164,8 @@ impl GgmlType {
             Self::Q8_0 => Some((32, 34)),
             Self::Q4_0 => Some((32, 18)),
             Self::Q4_1 => Some((32, 20)),
+            Self::Q5_0 => Some((32, 22)),
+            Self::Q5_1 => Some((32, 24)),
             Self::Q4K => Some((256, 144)),
             Self::Q6K => Some((256, 210)),
             Self::Other(_) => None,
@@ -383,7 +393,7 @@ impl GgufFile {
                     self.path.display(),
                     info.ggml_type.name()
                 ),
-                Some("supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K"),
+                Some("supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K"),
             ));
         };
         let numel = info.numel();
@@ -478,6 +488,39 @@ pub fn dequantize(raw: &[u8], ty: GgmlType, numel: i64) -> Result<Tensor> {
                 (d * q + m).view([-1])
             }
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // llama.cpp's Q5 (the Q4_K_M fallback for rows that are not a
+            // multiple of 256): element i's fifth bit is bit i of `qh`.
+            let (width, hq) = if ty == GgmlType::Q5_0 {
+                (22, 2)
+            } else {
+                (24, 4)
+            };
+            let b = t.view([-1, width]);
+            let d = f16_field(&b, 0);
+            let h = b.narrow(1, hq, 4).to_kind(Kind::Int64);
+            let qh = h.narrow(1, 0, 1)
+                + h.narrow(1, 1, 1).bitwise_left_shift_tensor_scalar(8)
+                + h.narrow(1, 2, 1).bitwise_left_shift_tensor_scalar(16)
+                + h.narrow(1, 3, 1).bitwise_left_shift_tensor_scalar(24);
+            let bits = Tensor::arange(32, (Kind::Int64, Device::Cpu)).view([1, 32]);
+            let high = qh
+                .bitwise_right_shift(&bits)
+                .bitwise_and(1)
+                .bitwise_left_shift_tensor_scalar(4);
+            let qs = cols(&b, hq + 4, 16).to_kind(Kind::Int64);
+            let low = Tensor::cat(
+                &[qs.bitwise_and(0xF), qs.bitwise_right_shift_tensor_scalar(4)],
+                1,
+            );
+            let q = low.bitwise_or_tensor(&high).to_kind(Kind::Float);
+            if ty == GgmlType::Q5_0 {
+                ((q - 16.0) * d).view([-1])
+            } else {
+                let m = f16_field(&b, 2);
+                (d * q + m).view([-1])
+            }
+        }
         GgmlType::Q4K => {
             let b = t.view([-1, 144]);
             let nb = b.size()[0];
@@ -548,7 +591,7 @@ pub fn dequantize(raw: &[u8], ty: GgmlType, numel: i64) -> Result<Tensor> {
         GgmlType::Other(_) => {
             return Err(EngineError::unsupported(
                 format!("dequantising {}", ty.name()),
-                Some("supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K"),
+                Some("supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K"),
             ));
         }
     };

@@ -41,7 +41,9 @@ fn dequantisation_equals_gguf_py_for_every_type() {
     seen.sort();
     assert_eq!(
         seen,
-        ["BF16", "F16", "F32", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0"]
+        [
+            "BF16", "F16", "F32", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q6_K", "Q8_0"
+        ]
     );
 }
 
