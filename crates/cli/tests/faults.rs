@@ -322,6 +322,7 @@ fn a_full_disk_is_reported_cleanly_and_the_experiment_resumes() {
         "the OS error is named: {text}"
     );
     assert!(text.contains("--resume"), "the way on is named: {text}");
+    assert!(text.contains(".gguf"), "the file is named: {text}");
     let ev = events(d);
     assert_eq!(count(&ev, "trained"), 2, "{ev:?}");
     assert_eq!(count(&ev, "merged"), 0, "{ev:?}");

@@ -19,6 +19,7 @@ pub mod merge;
 pub mod skill;
 pub mod st;
 pub mod torch_bin;
+pub mod validate;
 
 pub use adapter::{Adapter, AdapterConfig, LoraModule};
 pub use dtype::DType;

@@ -8,6 +8,7 @@ use crate::error::{MergeError, Result};
 use crate::export::{ExportKind, ExportRequest, export};
 use crate::merge::MergedModel;
 use crate::st::SafetensorsSet;
+use crate::validate::Written;
 use async_trait::async_trait;
 use lora_skill::{Skill, SkillContext, SkillError, StepResult};
 use lora_spec::contracts::merge::{
@@ -47,6 +48,105 @@ pub fn default_output(adapter: &Path, format: ExportFormat, adapter_only: bool) 
         (ExportFormat::Safetensors, _) => format!("{name}-merged"),
     };
     adapter.with_file_name(file)
+}
+
+/// `validate_after_merge`: the written model's logits against base + adapter
+/// (module `validate`) when the engine runs this architecture and adapter;
+/// else, for safetensors, the weight check; otherwise a warning says why the
+/// file was not validated at run time. A failed check is an error.
+fn validate_written(
+    kind: ExportKind,
+    input: &MergeInput,
+    out: &Path,
+    base_dir: &Path,
+    adapter_dir: &Path,
+    ctx: &SkillContext,
+    warnings: &mut Vec<String>,
+) -> std::result::Result<Option<MergeValidation>, SkillError> {
+    let written = match kind {
+        ExportKind::Safetensors => {
+            let set = SafetensorsSet::open_model_dir(out)?;
+            Some(match set.entries().first().map(|e| e.dtype) {
+                Some(DType::F16) => Written::F16,
+                Some(DType::BF16) => Written::Bf16,
+                _ => Written::F32,
+            })
+        }
+        ExportKind::Gguf => Some(Written::Gguf(input.gguf_quantization)),
+        _ => None,
+    };
+    let Some(written) = written else {
+        warnings.push(format!(
+            "validate_after_merge: {kind:?} files are verified against their readers (torch.load, llama.cpp) \
+             by the test suite, not at run time"
+        ));
+        return Ok(None);
+    };
+    let v = match crate::validate::engine_unsupported(base_dir, adapter_dir) {
+        None => {
+            ctx.info(format!(
+                "validating {} against base + adapter",
+                out.display()
+            ));
+            if matches!(kind, ExportKind::Gguf) {
+                // Read the GGUF back with the engine's importer (dequantised, Q/K
+                // un-permuted): what a GGUF consumer computes, not what we meant to write.
+                let tmp = lora_skill::fs::temp_path_for(&out.with_extension("validate"));
+                let r = lora_engine::import_gguf(out, &tmp, |_, _| {})
+                    .map_err(|e| {
+                        SkillError::backend(format!("reading back {}: {e}", out.display()))
+                    })
+                    .and_then(|_| {
+                        crate::validate::validate_logits(
+                            &tmp,
+                            base_dir,
+                            adapter_dir,
+                            written,
+                            &input.validation_prompts,
+                            input.validation_tolerance,
+                        )
+                    });
+                let _ = std::fs::remove_dir_all(&tmp);
+                r?
+            } else {
+                crate::validate::validate_logits(
+                    out,
+                    base_dir,
+                    adapter_dir,
+                    written,
+                    &input.validation_prompts,
+                    input.validation_tolerance,
+                )?
+            }
+        }
+        Some(why) if matches!(kind, ExportKind::Safetensors) => {
+            warnings.push(format!(
+                "validate_after_merge: the engine does not run {why}; checked the merged weights instead of logits"
+            ));
+            let tol = input.validation_tolerance.unwrap_or(match written {
+                Written::F16 | Written::Bf16 => 5e-2,
+                _ => 1e-4,
+            });
+            validate_safetensors(out, base_dir, adapter_dir, tol)?
+        }
+        Some(why) => {
+            warnings.push(format!(
+                "validate_after_merge: the engine does not run {why}; the GGUF file was not validated at run time"
+            ));
+            return Ok(None);
+        }
+    };
+    if !v.passed {
+        return Err(SkillError::backend(format!(
+            "validation failed: {}",
+            v.method
+        ))
+        .with_file(out.display().to_string())
+        .with_hint(
+            "the written model does not compute base + adapter: report it with the adapter and base model",
+        ));
+    }
+    Ok(Some(v))
 }
 
 /// Checks a merged safetensors folder against base + adapter: for every changed weight,
@@ -133,6 +233,8 @@ pub fn validate_safetensors(
         max_abs_diff: worst,
         tolerance,
         passed: worst <= tolerance,
+        relative_rms_diff: None,
+        top1_agreement: None,
     })
 }
 
@@ -228,32 +330,23 @@ impl Skill for MergeSkill {
         }
         let mut validation = None;
         if input.validate_after_merge {
-            match kind {
-                ExportKind::Safetensors => {
-                    let tol = input.validation_tolerance.unwrap_or(match req.dtype {
-                        Some(DType::F16) | Some(DType::BF16) => 5e-2,
-                        _ => 1e-4,
-                    });
-                    let v = validate_safetensors(&out, &base_dir, &adapter_dir, tol)?;
-                    if !v.passed {
-                        return Err(SkillError::backend(format!(
-                            "validation failed: max |Δ| {:.3e} > {:.1e} ({})",
-                            v.max_abs_diff, v.tolerance, v.method
-                        ))
-                        .with_hint("report this with the adapter and base model: the merged file does not compute base + adapter"));
-                    }
-                    validation = Some(v);
-                }
-                _ => warnings.push(format!(
-                    "validate_after_merge: the in-process check covers safetensors output; {kind:?} files are verified \
-                     against their readers (torch.load, gguf-py, llama.cpp) by the test suite, not at run time"
-                )),
-            }
+            validation = validate_written(
+                kind,
+                &input,
+                &out,
+                &base_dir,
+                &adapter_dir,
+                ctx,
+                &mut warnings,
+            )?;
         }
         let data = MergeOutput {
             merged_path: out.display().to_string(),
             output_format: input.output_format,
-            max_abs_logit_diff: None,
+            max_abs_logit_diff: validation
+                .as_ref()
+                .filter(|v| v.method.starts_with("logits"))
+                .map(|v| v.max_abs_diff),
             files: summary
                 .files
                 .iter()

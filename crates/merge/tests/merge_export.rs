@@ -272,3 +272,102 @@ async fn merge_skill_runs_through_the_registry_and_validates() {
     assert_eq!(err.kind, lora_skill::ErrorKind::Unsupported);
     assert!(err.message.contains("DoRA"), "{err:?}");
 }
+
+/// validate_after_merge runs the written model: the merged folder (f32, bf16)
+/// and GGUF files (F16, Q8_0, Q4_K_M, read back by the engine's importer) give
+/// the logits of base + adapter within their format's bound, reported as
+/// `max_abs_logit_diff`; a merged model that does not compute base + this
+/// adapter fails the check.
+#[tokio::test]
+async fn validate_after_merge_compares_logits_and_catches_a_wrong_model() {
+    let Some(s) = require_python("validate_after_merge_compares_logits_and_catches_a_wrong_model")
+    else {
+        return;
+    };
+    let out = scratch();
+    let mut reg = lora_skill::SkillRegistry::new();
+    lora_merge::register(&mut reg);
+    let ctx = lora_skill::SkillContext::new(&out);
+    let run = |extra: serde_json::Value, name: &str, base: &str, adapter: &str| {
+        let mut input = serde_json::json!({
+            "adapter_path": s.join(adapter).display().to_string(),
+            "base_model": s.join(base).display().to_string(),
+            "output_path": out.join(name).display().to_string(),
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            input[k] = v.clone();
+        }
+        let reg = &reg;
+        let ctx = &ctx;
+        async move {
+            reg.call_json(lora_spec::contracts::names::MERGE, input, ctx)
+                .await
+                .unwrap()
+        }
+    };
+    let cases = [
+        (
+            serde_json::json!({"output_format": "safetensors"}),
+            "f32",
+            "llama",
+            "a_plain",
+            1e-4,
+        ),
+        (
+            serde_json::json!({"output_format": "safetensors"}),
+            "bf16",
+            "qwen",
+            "q_plain",
+            5e-2,
+        ),
+        (
+            serde_json::json!({"output_format": "gguf", "gguf_quantization": "f16"}),
+            "m16.gguf",
+            "llama",
+            "a_plain",
+            1e-2,
+        ),
+        (
+            serde_json::json!({"output_format": "gguf", "gguf_quantization": "q8_0"}),
+            "m8.gguf",
+            "llama",
+            "a_plain",
+            1e-1,
+        ),
+        (
+            serde_json::json!({"output_format": "gguf", "gguf_quantization": "q4_k_m"}),
+            "m4.gguf",
+            "llama",
+            "a_plain",
+            1.0,
+        ),
+    ];
+    for (extra, name, base, adapter, rel) in cases {
+        let res = run(extra, name, base, adapter).await;
+        let v = &res.data["validation"];
+        assert_eq!(v["passed"], true, "{name}: {v}");
+        assert!(
+            v["method"].as_str().unwrap().starts_with("logits"),
+            "{name}: {v}"
+        );
+        let diff = res.data["max_abs_logit_diff"].as_f64().unwrap();
+        assert_eq!(diff, v["max_abs_diff"].as_f64().unwrap());
+        assert!(v["tolerance"].as_f64().unwrap() >= rel, "{name}: {v}");
+        eprintln!(
+            "{name}: max |Δlogit| {diff:.3e}, relative RMS {}, top-1 {} (bound {})",
+            v["relative_rms_diff"], v["top1_agreement"], v["tolerance"]
+        );
+    }
+    // The f32 merge of a_plain is not base + a_second: the check says so.
+    let wrong = lora_merge::validate::validate_logits(
+        &out.join("f32"),
+        &s.join("llama"),
+        &s.join("a_second"),
+        lora_merge::validate::Written::F32,
+        &[],
+        None,
+    )
+    .unwrap();
+    assert!(!wrong.passed, "{wrong:?}");
+    assert!(wrong.max_abs_diff > 100.0 * wrong.tolerance, "{wrong:?}");
+}

@@ -542,7 +542,7 @@ pub fn write_model(
     let mut err: Option<MergeError> = None;
     let res = lora_skill::fs::write_atomic_with(out, |f| {
         let mut w = BufWriter::with_capacity(1 << 20, f);
-        let r = writer::write(&mut w, &plan.kvs, &infos, &mut |i| {
+        let r = writer::write(out, &mut w, &plan.kvs, &infos, &mut |i| {
             let t = &plan.tensors[i];
             let v = planned_values(t, merged)?;
             let bytes = encode(&v, t.info.ty);

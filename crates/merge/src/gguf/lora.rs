@@ -148,7 +148,7 @@ pub fn write_lora(
     let mut err: Option<MergeError> = None;
     let res = lora_skill::fs::write_atomic_with(out, |f| {
         let mut w = BufWriter::new(f);
-        let r = writer::write(&mut w, &kvs, &infos, &mut |i| {
+        let r = writer::write(out, &mut w, &kvs, &infos, &mut |i| {
             let (name, permute, factor) = &jobs[i];
             let (mut v, _) = adapter.f32(name)?;
             if *factor != 1.0 {

@@ -270,13 +270,15 @@ pub fn header(kvs: &[(String, Value)], tensors: &[TensorInfo]) -> Result<Vec<u8>
 }
 
 /// Writes a whole GGUF file: `produce(i)` returns tensor `i`'s encoded bytes, in order.
+/// `path` names the file in I/O errors (a full disk).
 pub fn write(
+    path: &std::path::Path,
     w: &mut dyn Write,
     kvs: &[(String, Value)],
     tensors: &[TensorInfo],
     produce: &mut dyn FnMut(usize) -> Result<Vec<u8>>,
 ) -> Result<()> {
-    let io = |e| MergeError::io("<gguf output>", e);
+    let io = |e| MergeError::io(path, e);
     w.write_all(&header(kvs, tensors)?).map_err(io)?;
     for (i, t) in tensors.iter().enumerate() {
         let bytes = produce(i)?;
@@ -322,7 +324,14 @@ mod tests {
         assert_eq!(&h[..4], b"GGUF");
         assert_eq!(h.len() % 32, 0);
         let mut out = Vec::new();
-        write(&mut out, &kvs, &t, &mut |i| Ok(vec![0u8; t[i].nbytes()])).unwrap();
+        write(
+            std::path::Path::new("test.gguf"),
+            &mut out,
+            &kvs,
+            &t,
+            &mut |i| Ok(vec![0u8; t[i].nbytes()]),
+        )
+        .unwrap();
         assert_eq!(out.len(), h.len() + 32 + 96);
         let dup = vec![t[0].clone(), t[0].clone()];
         assert!(header(&kvs, &dup).is_err());

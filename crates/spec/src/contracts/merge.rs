@@ -127,9 +127,13 @@ pub struct MergeInput {
     /// Combine several adapters first (PEFT `add_weighted_adapter`).
     #[serde(default)]
     pub combination: Option<AdapterCombination>,
-    /// Largest accepted max |Δlogit| of the validation (default: 1e-4 for f32 output, 5e-2 for f16/bf16).
+    /// Largest accepted max |Δlogit| of the validation (default by format: 1e-4 absolute for f32;
+    /// relative to the largest logit, 1e-2 for f16, 5e-2 for bf16, 0.1 for Q8_0, 0.5 for Q4_K_M).
     #[serde(default)]
     pub validation_tolerance: Option<f64>,
+    /// Prompts for the logit validation (default: three short built-in texts).
+    #[serde(default)]
+    pub validation_prompts: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -150,6 +154,7 @@ impl Default for MergeInput {
             adapter_only: false,
             combination: None,
             validation_tolerance: None,
+            validation_prompts: Vec::new(),
         }
     }
 }
@@ -169,6 +174,14 @@ pub struct MergeValidation {
     pub tolerance: f64,
     /// Whether it did.
     pub passed: bool,
+    /// Logit checks: ‖Δ‖₂ / ‖reference − its mean‖₂ over all positions and
+    /// vocabulary entries, the criterion of 4-bit formats (whose largest single
+    /// difference is not informative); none for the weight check.
+    #[serde(default)]
+    pub relative_rms_diff: Option<f64>,
+    /// Logit checks: the share of positions whose arg-max token is the reference's.
+    #[serde(default)]
+    pub top1_agreement: Option<f64>,
 }
 
 /// Output `data` of `merge`.
