@@ -467,10 +467,61 @@ impl LlamaModel {
                 .unsqueeze(0)
                 .expand([b, t], false),
         };
-        let (cos, sin) = self.rope_tables(&positions);
         let attn_mask = self.build_mask(mask.as_ref(), past, t);
+        self.run_layers(&ids, &positions, &attn_mask, cache, train)
+    }
 
-        let mut x = self.embed_tokens.forward(&ids);
+    /// The final hidden states with an explicit attention pattern, for packed
+    /// rows: `attend` is boolean `[B or 1, 1, T, T]` (true = may attend; every
+    /// query must see at least itself), e.g. block-diagonal causal so that no
+    /// sample sees another; `position_ids` `[B, T]` restart at 0 per sample.
+    /// No KV cache.
+    pub fn forward_hidden_attend(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        attend: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let size = input_ids.size();
+        let [b, t] = size[..] else {
+            return Err(EngineError::invalid(
+                "input_ids",
+                format!("expected shape [batch, seq], got {size:?}"),
+            ));
+        };
+        if position_ids.size() != [b, t] {
+            return Err(EngineError::invalid(
+                "position_ids",
+                format!("expected shape [{b}, {t}], got {:?}", position_ids.size()),
+            ));
+        }
+        let m = attend.size();
+        if m.len() != 4 || (m[0] != b && m[0] != 1) || m[1] != 1 || m[2] != t || m[3] != t {
+            return Err(EngineError::invalid(
+                "attend",
+                format!("expected shape [{b} or 1, 1, {t}, {t}], got {m:?}"),
+            ));
+        }
+        let ids = input_ids.to_device(self.device);
+        let positions = position_ids.to_device(self.device).to_kind(Kind::Int64);
+        let mask = Mask::Explicit(attend.to_device(self.device).to_kind(Kind::Bool));
+        self.run_layers(&ids, &positions, &mask, None, train)
+    }
+
+    /// Embedding, the decoder layers and the final norm.
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        attn_mask: &Mask,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (cos, sin) = self.rope_tables(positions);
+        let t = ids.size()[1];
+        let total = cache.as_ref().map_or(0, |c| c.len()) + t;
+        let mut x = self.embed_tokens.forward(ids);
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = x.shallow_clone();
             let h = layer.input_layernorm.forward(&x);
@@ -478,7 +529,7 @@ impl LlamaModel {
                 &h,
                 &cos,
                 &sin,
-                &attn_mask,
+                attn_mask,
                 cache.as_deref_mut().map(|c| (c, l)),
                 train,
             );

@@ -231,22 +231,24 @@ pub struct EngineModel<'a> {
 
 impl TrainableModel for EngineModel<'_> {
     fn hidden_states(&self, batch: &Batch, train: bool) -> Result<Tensor> {
-        if batch.attention_mask.is_some() {
-            return Err(TrainError::config(
-                "packing",
-                "packed rows need a block-diagonal attention mask, which the engine's forward does not take yet",
-                "set packing: false (length-grouped batching keeps padding low)",
-            ));
-        }
         let device = self.model.device();
         Ok(tch::autocast(device.is_cuda(), || {
-            self.model.forward_hidden_t(
-                &batch.input_ids,
-                None,
-                Some(&batch.position_ids),
-                None,
-                train,
-            )
+            match &batch.attention_mask {
+                // Packed rows: block-diagonal causal attention, positions restart per sample.
+                Some(attend) => self.model.forward_hidden_attend(
+                    &batch.input_ids,
+                    &batch.position_ids,
+                    attend,
+                    train,
+                ),
+                None => self.model.forward_hidden_t(
+                    &batch.input_ids,
+                    None,
+                    Some(&batch.position_ids),
+                    None,
+                    train,
+                ),
+            }
         })?)
     }
     fn output_weight(&self) -> Tensor {
@@ -357,6 +359,15 @@ pub fn prepare_run(opts: &TrainOptions) -> Result<Prepared> {
             "trial_config.method",
             format!("method {} has no trainer yet", t.method.as_str()),
             "use method: lora",
+        ));
+    }
+    if t.gradient_checkpointing {
+        // Refused rather than ignored: the memory it promises would not be saved.
+        return Err(TrainError::config(
+            "trial_config.gradient_checkpointing",
+            "activation checkpointing is not implemented by this trainer yet (every layer's activations are kept)",
+            "set gradient_checkpointing: false; to save memory lower micro_batch_size (with more \
+             gradient_accumulation) or max_seq_length, or use packing: true",
         ));
     }
     if t.expanded_targets().iter().any(|m| m == "lm_head") {
