@@ -35,7 +35,7 @@ pub use error::{EngineError, Result};
 pub use generate::{FinishReason, Generation, GenerationConfig, generate};
 pub use gguf_import::{ImportReport, import_gguf};
 pub use lora::LoraLayer;
-pub use model::{KvCache, LlamaModel};
+pub use model::{KvCache, LayerContext, LlamaModel};
 pub use nn::Linear;
 pub use tokenizer::{ChatMessage, TextTokenizer};
 pub use weights::{LoadReport, TensorStore};

@@ -154,6 +154,22 @@ impl KvCache {
     }
 }
 
+/// RoPE tables and attention pattern shared by the layers of one forward
+/// (made by [`LlamaModel::layer_context`]).
+pub struct LayerContext {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Mask,
+}
+
+impl std::fmt::Debug for LayerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerContext")
+            .field("positions", &self.cos.size())
+            .finish_non_exhaustive()
+    }
+}
+
 /// How attention is masked in one forward.
 enum Mask {
     /// No mask (one query attending to everything cached).
@@ -522,29 +538,89 @@ impl LlamaModel {
         let t = ids.size()[1];
         let total = cache.as_ref().map_or(0, |c| c.len()) + t;
         let mut x = self.embed_tokens.forward(ids);
-        for (l, layer) in self.layers.iter().enumerate() {
-            let residual = x.shallow_clone();
-            let h = layer.input_layernorm.forward(&x);
-            let h = layer.self_attn.forward(
-                &h,
+        for l in 0..self.layers.len() {
+            x = self.layer_forward(
+                l,
+                &x,
                 &cos,
                 &sin,
                 attn_mask,
                 cache.as_deref_mut().map(|c| (c, l)),
                 train,
             );
-            x = residual + h;
-            let residual = x.shallow_clone();
-            let h = layer.post_attention_layernorm.forward(&x);
-            let m = &layer.mlp;
-            let g = m.gate_proj.forward_t(&h, train).silu();
-            let u = m.up_proj.forward_t(&h, train);
-            x = residual + m.down_proj.forward_t(&(g * u), train);
         }
         if let Some(c) = cache {
             c.len = total;
         }
         Ok(self.norm.forward(&x))
+    }
+
+    /// Decoder layer `l` on the residual stream `x`.
+    #[allow(clippy::too_many_arguments)] // The private core of every forward path.
+    fn layer_forward(
+        &self,
+        l: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        attn_mask: &Mask,
+        cache: Option<(&mut KvCache, usize)>,
+        train: bool,
+    ) -> Tensor {
+        let layer = &self.layers[l];
+        let h = layer.input_layernorm.forward(x);
+        let h = layer
+            .self_attn
+            .forward(&h, cos, sin, attn_mask, cache, train);
+        let x = x + h;
+        let h = layer.post_attention_layernorm.forward(&x);
+        let m = &layer.mlp;
+        let g = m.gate_proj.forward_t(&h, train).silu();
+        let u = m.up_proj.forward_t(&h, train);
+        &x + m.down_proj.forward_t(&(g * u), train)
+    }
+
+    /// The per-forward state of a layer-by-layer training pass (activation
+    /// checkpointing): RoPE tables and the attention pattern (`attend`
+    /// `[B|1,1,T,T]` for packed rows, else causal). No KV cache.
+    pub fn layer_context(
+        &self,
+        position_ids: &Tensor,
+        attend: Option<&Tensor>,
+    ) -> Result<LayerContext> {
+        let positions = position_ids.to_device(self.device).to_kind(Kind::Int64);
+        let t = positions.size().last().copied().unwrap_or(0);
+        if t == 0 {
+            return Err(EngineError::invalid("position_ids", "empty sequence"));
+        }
+        let (cos, sin) = self.rope_tables(&positions);
+        let mask = match attend {
+            Some(a) => Mask::Explicit(a.to_device(self.device).to_kind(Kind::Bool)),
+            None if t == 1 => Mask::None,
+            None => Mask::Causal,
+        };
+        Ok(LayerContext { cos, sin, mask })
+    }
+
+    /// Token embeddings `[B, T, hidden]` of `input_ids` (the first step of a
+    /// layer-by-layer pass).
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        self.embed_tokens.forward(&input_ids.to_device(self.device))
+    }
+
+    /// Decoder layer `l` of a layer-by-layer pass (see [`Self::layer_context`]).
+    pub fn layer(&self, l: usize, x: &Tensor, ctx: &LayerContext, train: bool) -> Tensor {
+        self.layer_forward(l, x, &ctx.cos, &ctx.sin, &ctx.mask, None, train)
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The final norm (after the last layer, before `lm_head`).
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x)
     }
 
     /// `cos` and sign-folded `sin` tables `[B, 1, T, head_dim]` for positions `[B, T]`.

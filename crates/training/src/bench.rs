@@ -41,6 +41,8 @@ pub struct BenchOptions {
     pub threads: i32,
     /// Device.
     pub device: Device,
+    /// Activation checkpointing (as the anchor's `--grad-checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 /// The benchmark's result (the anchor's field names).
@@ -90,7 +92,13 @@ pub fn bench_train(o: &BenchOptions) -> Result<BenchResult> {
     let trainable: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
     let mut opt = AdamW::new(params, AdamWConfig::default());
     let vocab = model.config.vocab_size as i64;
-    let engine = EngineModel { model: &model };
+    let plain = EngineModel { model: &model };
+    let checkpointed = crate::trainer::CheckpointedModel::new(&model);
+    let engine: &dyn crate::step::TrainableModel = if o.gradient_checkpointing {
+        &checkpointed
+    } else {
+        &plain
+    };
     let mut times = Vec::new();
     let mut last_loss = f64::NAN;
     let positions = Tensor::arange(o.seq, (Kind::Int64, o.device))
@@ -114,8 +122,7 @@ pub fn bench_train(o: &BenchOptions) -> Result<BenchResult> {
             n_tokens: o.batch * o.seq,
         };
         let t0 = Instant::now();
-        let stats =
-            accumulate_gradients(&engine, std::slice::from_ref(&b), DEFAULT_CHUNK_ELEMENTS)?;
+        let stats = accumulate_gradients(engine, std::slice::from_ref(&b), DEFAULT_CHUNK_ELEMENTS)?;
         opt.step(2e-4);
         opt.zero_grad();
         if let Device::Cuda(i) = o.device {

@@ -15,6 +15,12 @@ pub trait TrainableModel {
     fn hidden_states(&self, batch: &Batch, train: bool) -> Result<Tensor>;
     /// The frozen output projection `[V, H]` (the tied embedding when tied).
     fn output_weight(&self) -> Tensor;
+    /// Called after the loss's backward of each micro-batch: a model that
+    /// recomputes activations (checkpointing) back-propagates through its
+    /// layers here. Default: nothing (autograd already reached every leaf).
+    fn finish_backward(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Runs forward and backward over `micro_batches`, accumulating gradients
@@ -46,6 +52,8 @@ pub fn accumulate_gradients(
             true,
             chunk_elements,
         ));
+        drop(hidden);
+        model.finish_backward()?;
     }
     Ok(stats)
 }

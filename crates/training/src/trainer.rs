@@ -256,6 +256,98 @@ impl TrainableModel for EngineModel<'_> {
     }
 }
 
+/// The engine's model with activation checkpointing: the forward runs the
+/// layers without autograd, keeping only each layer's input; after the loss's
+/// backward has reached the last hidden state, [`TrainableModel::finish_backward`]
+/// recomputes the layers one at a time, last first, each with autograd, and
+/// back-propagates the incoming gradient through it (LoRA gradients
+/// accumulate, the input's gradient feeds the layer below). Peak activation
+/// memory is one layer's plus the `L` layer inputs. Dropout draws the same
+/// masks in the recomputation: each layer's generator seed is drawn from the
+/// step's stream and set again before the replay.
+pub struct CheckpointedModel<'a> {
+    /// The model.
+    pub model: &'a LlamaModel,
+    saved: std::cell::RefCell<Option<Saved>>,
+}
+
+struct Saved {
+    ctx: lora_engine::LayerContext,
+    inputs: Vec<Tensor>,
+    seeds: Vec<i64>,
+    last: Tensor,
+}
+
+impl<'a> CheckpointedModel<'a> {
+    /// Wraps `model`.
+    pub fn new(model: &'a LlamaModel) -> Self {
+        Self {
+            model,
+            saved: std::cell::RefCell::new(None),
+        }
+    }
+}
+
+impl TrainableModel for CheckpointedModel<'_> {
+    fn hidden_states(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        if !train {
+            return EngineModel { model: self.model }.hidden_states(batch, false);
+        }
+        let m = self.model;
+        let ctx = m.layer_context(&batch.position_ids, batch.attention_mask.as_ref())?;
+        let mut x = tch::no_grad(|| m.embed(&batch.input_ids));
+        let n = m.num_layers();
+        let mut inputs = Vec::with_capacity(n);
+        let mut seeds = Vec::with_capacity(n);
+        for l in 0..n {
+            // A seed from the step's stream, set now and again before the replay.
+            let seed = Tensor::randint(i64::MAX, [1], (tch::Kind::Int64, tch::Device::Cpu))
+                .int64_value(&[0]);
+            tch::manual_seed(seed);
+            inputs.push(x.shallow_clone());
+            seeds.push(seed);
+            x = tch::no_grad(|| m.layer(l, &x, &ctx, true));
+        }
+        let last = x.detach().set_requires_grad(true);
+        let out = m.final_norm(&last);
+        *self.saved.borrow_mut() = Some(Saved {
+            ctx,
+            inputs,
+            seeds,
+            last,
+        });
+        Ok(out)
+    }
+    fn output_weight(&self) -> Tensor {
+        self.model.lm_head.weight.shallow_clone()
+    }
+    fn finish_backward(&self) -> Result<()> {
+        let Some(s) = self.saved.borrow_mut().take() else {
+            return Ok(());
+        };
+        let mut g = s.last.grad();
+        if !g.defined() {
+            return Ok(());
+        }
+        for l in (0..s.inputs.len()).rev() {
+            // Layer 0's input is the frozen embedding: no gradient needed below it.
+            let x = s.inputs[l].detach().set_requires_grad(l > 0);
+            tch::manual_seed(s.seeds[l]);
+            let y = self.model.layer(l, &x, &s.ctx, true);
+            if y.requires_grad() {
+                (y * &g).sum(g.kind()).backward();
+            }
+            if l > 0 {
+                g = x.grad();
+                if !g.defined() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The settings that define a run's trajectory; their hash guards resume.
 #[derive(Serialize)]
 struct HashInput<'a> {
@@ -359,15 +451,6 @@ pub fn prepare_run(opts: &TrainOptions) -> Result<Prepared> {
             "trial_config.method",
             format!("method {} has no trainer yet", t.method.as_str()),
             "use method: lora",
-        ));
-    }
-    if t.gradient_checkpointing {
-        // Refused rather than ignored: the memory it promises would not be saved.
-        return Err(TrainError::config(
-            "trial_config.gradient_checkpointing",
-            "activation checkpointing is not implemented by this trainer yet (every layer's activations are kept)",
-            "set gradient_checkpointing: false; to save memory lower micro_batch_size (with more \
-             gradient_accumulation) or max_seq_length, or use packing: true",
         ));
     }
     if t.expanded_targets().iter().any(|m| m == "lm_head") {
@@ -596,7 +679,13 @@ pub fn train(opts: &TrainOptions, monitor: &mut dyn Monitor) -> Result<TrainResu
             opts.device,
         )
     });
-    let engine = EngineModel { model: &model };
+    let plain = EngineModel { model: &model };
+    let checkpointed = CheckpointedModel::new(&model);
+    let engine: &dyn TrainableModel = if t.gradient_checkpointing {
+        &checkpointed
+    } else {
+        &plain
+    };
     let total = prep.plan.total_steps;
     let accum = prep.plan.gradient_accumulation;
     let mut last_ckpt = checkpoint::list(&ck_root).last().map(|(_, p)| p.clone());
@@ -613,7 +702,7 @@ pub fn train(opts: &TrainOptions, monitor: &mut dyn Monitor) -> Result<TrainResu
     };
     let run_eval = |state: &TrainerState| -> Result<Option<EvalPoint>> {
         let Some(eb) = &eval_set else { return Ok(None) };
-        let s: LossStats = evaluate_batches(&engine, eb, opts.chunk_elements)?;
+        let s: LossStats = evaluate_batches(engine, eb, opts.chunk_elements)?;
         Ok(Some(EvalPoint {
             step: state.step,
             eval_loss: s.mean(),
@@ -656,7 +745,7 @@ pub fn train(opts: &TrainOptions, monitor: &mut dyn Monitor) -> Result<TrainResu
             pos.batch_in_epoch += 1;
         }
         let started = Instant::now();
-        let stats = accumulate_gradients(&engine, &mbs, opts.chunk_elements)?;
+        let stats = accumulate_gradients(engine, &mbs, opts.chunk_elements)?;
         let loss = stats.mean();
         let bad_loss = !loss.is_finite() || t.early_stop_loss.is_some_and(|l| loss > l);
         let grad_norm = if bad_loss {

@@ -60,6 +60,9 @@ pub struct TrainArgs {
     /// `auto`, `cpu`, `cuda`, `cuda:N`.
     #[arg(long)]
     pub device: Option<String>,
+    /// Recompute activations in backward (activation checkpointing).
+    #[arg(long)]
+    pub grad_checkpointing: bool,
     /// Print one JSON line (as the anchor does).
     #[arg(long)]
     pub json: bool,
@@ -80,6 +83,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 targets: a.targets.split(',').map(|s| s.trim().to_owned()).collect(),
                 threads: a.threads,
                 device: parse_device(a.device.as_deref())?,
+                gradient_checkpointing: a.grad_checkpointing,
             };
             let r = tokio::task::spawn_blocking(move || bench_train(&o)).await??;
             if a.json {
