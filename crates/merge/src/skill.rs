@@ -50,11 +50,14 @@ pub fn default_output(adapter: &Path, format: ExportFormat, adapter_only: bool) 
     adapter.with_file_name(file)
 }
 
-/// `validate_after_merge`: the written model's logits against base + adapter
-/// (module `validate`) when the engine runs this architecture and adapter;
+/// `validate_after_merge` of a written output `out` (what [`MergeSkill`] runs
+/// after writing it; public so a file can be re-checked later, or after a
+/// copy): the written model's logits against base + adapter (module
+/// [`crate::validate`]) when the engine runs this architecture and adapter;
 /// else, for safetensors, the weight check; otherwise a warning says why the
-/// file was not validated at run time. A failed check is an error.
-fn validate_written(
+/// file was not validated at run time. A failed check is a `backend` error
+/// naming the file, with the measured difference and its bound.
+pub fn validate_output(
     kind: ExportKind,
     input: &MergeInput,
     out: &Path,
@@ -76,10 +79,16 @@ fn validate_written(
         _ => None,
     };
     let Some(written) = written else {
-        warnings.push(format!(
-            "validate_after_merge: {kind:?} files are verified against their readers (torch.load, llama.cpp) \
-             by the test suite, not at run time"
-        ));
+        warnings.push(match kind {
+            ExportKind::PytorchBin => "validate_after_merge: the engine does not read PyTorch .bin, so the file \
+                 was not validated at run time (the test suite checks this writer with torch.load); \
+                 export safetensors to have the logits checked"
+                .to_string(),
+            _ => "validate_after_merge: a GGUF LoRA adapter is not run by the engine, so the file was not \
+                 validated at run time (the test suite checks this writer with llama.cpp applying it to its base); export a \
+                 merged GGUF to have the logits checked"
+                .to_string(),
+        });
         return Ok(None);
     };
     let v = match crate::validate::engine_unsupported(base_dir, adapter_dir) {
@@ -225,14 +234,18 @@ pub fn validate_safetensors(
             .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
         worst = worst.max(d);
     }
+    let passed = worst.is_finite() && worst <= tolerance;
+    let verdict = if passed { "<=" } else { "exceeds the bound" };
     Ok(MergeValidation {
-        method: "weights: every changed tensor read back from the written files; W'·x against W·x + s·B·(A·x) \
-                 from the base and the unmerged adapter on a probe vector (DoRA/embedding/replaced tensors: \
-                 against the merge recomputed from the inputs, relative)"
-            .into(),
+        method: format!(
+            "weights: every changed tensor read back from the written files; W'·x against W·x + s·B·(A·x) \
+             from the base and the unmerged adapter on a probe vector (DoRA/embedding/replaced tensors: \
+             against the merge recomputed from the inputs, relative); max |Δ| {worst:.3e} {verdict} \
+             {tolerance:.3e}"
+        ),
         max_abs_diff: worst,
         tolerance,
-        passed: worst <= tolerance,
+        passed,
         relative_rms_diff: None,
         top1_agreement: None,
     })
@@ -330,7 +343,7 @@ impl Skill for MergeSkill {
         }
         let mut validation = None;
         if input.validate_after_merge {
-            validation = validate_written(
+            validation = validate_output(
                 kind,
                 &input,
                 &out,

@@ -23,8 +23,11 @@
 //! Measured (max |Δlogit| / relative RMS / top-1): the test fixture, a
 //! random-init 2-layer Llama with hidden 256 and logits up to 3.4 (`cargo
 //! test -p lora-merge --test merge_export validate_after -- --nocapture`):
-//! f32 1.3e-6, bf16 2.0e-2, GGUF F16 3.8e-3, Q8_0 9.1e-2, Q4_K_M 0.96 / 0.26 /
-//! 0.53.
+//! f32 1.3e-6, f16 4.4e-3, bf16 2.0e-2, GGUF F16 3.8e-3, Q8_0 9.1e-2, Q4_K_M
+//! 0.96 / 0.26 / 0.53. Tampered files fail (`--test merge_export
+//! validation_fails`): one f32 projection scaled by 1 + 1e-3 moves the logits
+//! by 2.3e-3 (22× the f32 bound); one Q8_0 projection with its block scales
+//! negated by 5.7 (17× the Q8_0 bound).
 //! SmolLM2-135M-Instruct with the quickstart's adapter (logits up to 39.3,
 //! 27 positions × 49152): f32 2.4e-5; bf16 0.26; f16 0.045; GGUF F16 0.045 /
 //! 1.2e-3 / 1.00; Q8_0 0.90 / 2.9e-2 / 0.96; Q4_K_M 22.9 / 0.58 / 0.63 (a
@@ -208,18 +211,20 @@ pub fn validate_logits(
         // The rounding formats: a bound relative to the largest logit.
         ("max |Δlogit|", diff, rel * scale)
     };
+    let passed = value.is_finite() && value <= bound;
+    let verdict = if passed { "<=" } else { "exceeds the bound" };
     Ok(MergeValidation {
         method: format!(
             "logits: the written model against base + adapter (unmerged) on libtorch, {} prompt(s), \
              {tokens} positions x {} vocabulary entries, computed in {kind:?} ({written:?}; max |logit| \
-             {scale:.2}); criterion: {criterion} {value:.3e} <= {bound:.3e}; relative RMS {rms:.3e}, \
+             {scale:.2}); criterion: {criterion} {value:.3e} {verdict} {bound:.3e}; relative RMS {rms:.3e}, \
              top-1 agreement {top1:.3}",
             ids.len(),
             want.size()[1]
         ),
         max_abs_diff: diff,
         tolerance: bound,
-        passed: value.is_finite() && value <= bound,
+        passed,
         relative_rms_diff: Some(rms),
         top1_agreement: Some(top1),
     })

@@ -273,7 +273,7 @@ async fn merge_skill_runs_through_the_registry_and_validates() {
     assert!(err.message.contains("DoRA"), "{err:?}");
 }
 
-/// validate_after_merge runs the written model: the merged folder (f32, bf16)
+/// validate_after_merge runs the written model: the merged folder (f32, f16, bf16)
 /// and GGUF files (F16, Q8_0, Q4_K_M, read back by the engine's importer) give
 /// the logits of base + adapter within their format's bound, reported as
 /// `max_abs_logit_diff`; a merged model that does not compute base + this
@@ -312,6 +312,13 @@ async fn validate_after_merge_compares_logits_and_catches_a_wrong_model() {
             "llama",
             "a_plain",
             1e-4,
+        ),
+        (
+            serde_json::json!({"output_format": "safetensors", "output_dtype": "f16"}),
+            "f16",
+            "llama",
+            "a_plain",
+            1e-2,
         ),
         (
             serde_json::json!({"output_format": "safetensors"}),
@@ -370,4 +377,122 @@ async fn validate_after_merge_compares_logits_and_catches_a_wrong_model() {
     .unwrap();
     assert!(!wrong.passed, "{wrong:?}");
     assert!(wrong.max_abs_diff > 100.0 * wrong.tolerance, "{wrong:?}");
+}
+
+/// Byte offset of `needle` in `hay` (the tensor's bytes inside its file).
+fn find_bytes(hay: &[u8], needle: &[u8]) -> usize {
+    let head = &needle[..needle.len().min(256)];
+    let at = hay
+        .windows(head.len())
+        .position(|w| w == head)
+        .expect("tensor bytes found in the file");
+    assert_eq!(&hay[at..at + needle.len()], needle);
+    at
+}
+
+/// A merge that validates, then the same output tampered with on disk: the
+/// check (`lora_merge::skill::validate_output`, what the skill runs after
+/// writing) fails with a `backend` error naming the file and the measured
+/// difference. Safetensors f32: one projection scaled by 1 + 1e-3; GGUF Q8_0:
+/// one projection's block scales negated.
+#[tokio::test]
+async fn validation_fails_on_a_tampered_output() {
+    use lora_merge::export::ExportKind;
+    use lora_spec::contracts::merge::{ExportFormat, GgufQuantization, MergeInput};
+    let Some(s) = require_python("validation_fails_on_a_tampered_output") else {
+        return;
+    };
+    let out = scratch();
+    let mut reg = lora_skill::SkillRegistry::new();
+    lora_merge::register(&mut reg);
+    let ctx = lora_skill::SkillContext::new(&out);
+    let cases = [
+        (ExportKind::Safetensors, ExportFormat::Safetensors, "st"),
+        (ExportKind::Gguf, ExportFormat::Gguf, "q8.gguf"),
+    ];
+    for (kind, format, name) in cases {
+        let input = MergeInput {
+            adapter_path: s.join("a_plain").display().to_string(),
+            base_model: s.join("llama").display().to_string(),
+            output_format: format,
+            gguf_quantization: GgufQuantization::Q8_0,
+            output_path: Some(out.join(name).display().to_string()),
+            ..MergeInput::default()
+        };
+        let res = reg
+            .call_json(
+                lora_spec::contracts::names::MERGE,
+                serde_json::to_value(&input).unwrap(),
+                &ctx,
+            )
+            .await
+            .unwrap();
+        let good = res.data["max_abs_logit_diff"].as_f64().unwrap();
+        assert_eq!(res.data["validation"]["passed"], true, "{name}");
+        let path = out.join(name);
+        let (file, tensor) = match kind {
+            ExportKind::Safetensors => {
+                let file = path.join("model.safetensors");
+                let mut bytes = std::fs::read(&file).unwrap();
+                let t = "model.layers.1.self_attn.o_proj.weight";
+                let (at, len) = {
+                    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+                    let view = st.tensor(t).unwrap();
+                    assert_eq!(view.dtype(), safetensors::Dtype::F32);
+                    let at = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
+                    (at, view.data().len())
+                };
+                for c in bytes[at..at + len].chunks_exact_mut(4) {
+                    let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * (1.0 + 1e-3);
+                    c.copy_from_slice(&v.to_le_bytes());
+                }
+                std::fs::write(&file, bytes).unwrap();
+                (file, t)
+            }
+            _ => {
+                let t = "blk.1.attn_output.weight";
+                let g = lora_engine::gguf::GgufFile::open(&path).unwrap();
+                let info = g.tensor_info(t).unwrap();
+                assert_eq!(info.ggml_type.name(), "Q8_0");
+                let raw = g.raw(info).unwrap();
+                drop(g);
+                let mut bytes = std::fs::read(&path).unwrap();
+                let at = find_bytes(&bytes, &raw);
+                // Q8_0 block: f16 scale then 32 int8; flip the scale's sign bit.
+                for block in bytes[at..at + raw.len()].chunks_exact_mut(34) {
+                    block[1] ^= 0x80;
+                }
+                std::fs::write(&path, bytes).unwrap();
+                (path.clone(), t)
+            }
+        };
+        let mut warnings = Vec::new();
+        let err = lora_merge::skill::validate_output(
+            kind,
+            &input,
+            &path,
+            &s.join("llama"),
+            &s.join("a_plain"),
+            &ctx,
+            &mut warnings,
+        )
+        .unwrap_err();
+        eprintln!(
+            "{name}: correct file max |Δlogit| {good:.3e}; {tensor} tampered: {}",
+            err.message
+        );
+        assert_eq!(err.kind, lora_skill::ErrorKind::Backend, "{err:?}");
+        assert!(
+            err.message.starts_with("validation failed: logits"),
+            "{err:?}"
+        );
+        assert!(
+            err.message.contains("criterion: max |Δlogit|")
+                && err.message.contains("exceeds the bound"),
+            "{err:?}"
+        );
+        assert_eq!(err.file.as_deref(), Some(path.to_str().unwrap()), "{err:?}");
+        assert!(err.hint.is_some(), "{err:?}");
+        assert!(file.exists());
+    }
 }

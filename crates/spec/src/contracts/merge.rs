@@ -127,8 +127,10 @@ pub struct MergeInput {
     /// Combine several adapters first (PEFT `add_weighted_adapter`).
     #[serde(default)]
     pub combination: Option<AdapterCombination>,
-    /// Largest accepted max |Δlogit| of the validation (default by format: 1e-4 absolute for f32;
-    /// relative to the largest logit, 1e-2 for f16, 5e-2 for bf16, 0.1 for Q8_0, 0.5 for Q4_K_M).
+    /// Bound of the validation's criterion, overriding the format's default: max |Δlogit| ≤ 1e-4
+    /// absolute for f32; max |Δlogit| ≤ bound × max(1, max |logit|) for f16 (1e-2), bf16 (5e-2)
+    /// and Q8_0 (0.1); for Q4_K_M the relative RMS logit difference ≤ bound (1.0). Given here, the
+    /// f32 bound is also relative to the largest logit.
     #[serde(default)]
     pub validation_tolerance: Option<f64>,
     /// Prompts for the logit validation (default: three short built-in texts).
