@@ -130,7 +130,8 @@ pub fn validate_output(
         }
         Some(why) if matches!(kind, ExportKind::Safetensors) => {
             warnings.push(format!(
-                "validate_after_merge: the engine does not run {why}; checked the merged weights instead of logits"
+                "validate_after_merge: the engine cannot run this base and adapter ({why}); checked the merged weights \
+                 instead of logits"
             ));
             let tol = input.validation_tolerance.unwrap_or(match written {
                 Written::F16 | Written::Bf16 => 5e-2,
@@ -140,7 +141,8 @@ pub fn validate_output(
         }
         Some(why) => {
             warnings.push(format!(
-                "validate_after_merge: the engine does not run {why}; the GGUF file was not validated at run time"
+                "validate_after_merge: the engine cannot run this base and adapter ({why}); the GGUF file was not \
+                 validated at run time"
             ));
             return Ok(None);
         }
@@ -320,6 +322,9 @@ impl Skill for MergeSkill {
             .unwrap_or_else(|| {
                 default_output(&adapter_dir, input.output_format, input.adapter_only)
             });
+        if input.validate_after_merge {
+            crate::validate::check_prompts(&base_dir, &input.validation_prompts)?;
+        }
         let mut req = ExportRequest::new(&base_dir, Some(adapter_dir.clone()), &out, kind);
         req.dtype = dtype_of(input.output_dtype);
         req.quant = input.gguf_quantization;

@@ -78,28 +78,91 @@ fn backend(e: impl std::fmt::Display) -> SkillError {
     SkillError::backend(e.to_string())
 }
 
-/// Token ids of the prompts (the base's tokenizer; a fixed id ramp without one).
-fn prompt_ids(base_dir: &Path, prompts: &[String], vocab: i64) -> Vec<Vec<i64>> {
-    let texts: Vec<String> = if prompts.is_empty() {
-        DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect()
-    } else {
-        prompts.to_vec()
+/// Longest prompt, in tokens, run by the check.
+pub const MAX_PROMPT_TOKENS: usize = 64;
+
+/// Token ids of the prompts, each cut to [`MAX_PROMPT_TOKENS`], and where they
+/// came from. The caller's `validation_prompts` must tokenise (with the base's
+/// tokenizer) into ids of the model's vocabulary, else an `invalid_input`
+/// error names the prompt; the built-in prompts are used when none are given,
+/// and a fixed token-id ramp when the base folder has no tokenizer.
+fn prompt_ids(
+    base_dir: &Path,
+    prompts: &[String],
+    vocab: i64,
+) -> Result<(Vec<Vec<i64>>, String), SkillError> {
+    let cut = |mut ids: Vec<i64>| {
+        ids.truncate(MAX_PROMPT_TOKENS);
+        ids
     };
-    if let Ok(tok) = TextTokenizer::from_dir(base_dir) {
-        let ids: Vec<Vec<i64>> = texts
+    let tok = match TextTokenizer::from_dir(base_dir) {
+        Ok(tok) => tok,
+        Err(e) if !prompts.is_empty() => {
+            return Err(SkillError::invalid_input(format!(
+                "validation_prompts need the base model's tokenizer, which does not load: {e}"
+            ))
+            .with_field("validation_prompts")
+            .with_hint(
+                "add the tokenizer files to the base model folder, or drop validation_prompts",
+            ));
+        }
+        Err(_) => {
+            let ramp = (0..16).map(|i| (i * 7 + 3) % vocab).collect();
+            return Ok((
+                vec![ramp],
+                "a fixed 16-token id ramp (the base folder has no tokenizer)".into(),
+            ));
+        }
+    };
+    if prompts.is_empty() {
+        let ids: Vec<Vec<i64>> = DEFAULT_PROMPTS
             .iter()
             .filter_map(|t| tok.encode(t, true).ok())
-            .filter(|ids| !ids.is_empty() && ids.iter().all(|&i| i < vocab))
-            .map(|mut ids| {
-                ids.truncate(64);
-                ids
-            })
+            .filter(|ids| !ids.is_empty() && ids.iter().all(|&i| (0..vocab).contains(&i)))
+            .map(cut)
             .collect();
-        if !ids.is_empty() {
-            return ids;
+        if ids.is_empty() {
+            let ramp = (0..16).map(|i| (i * 7 + 3) % vocab).collect();
+            return Ok((
+                vec![ramp],
+                "a fixed 16-token id ramp (the tokenizer's ids of the built-in prompts are outside the vocabulary)"
+                    .into(),
+            ));
         }
+        return Ok((ids, "the built-in prompts".into()));
     }
-    vec![(0..16).map(|i| (i * 7 + 3) % vocab).collect()]
+    let mut out = Vec::with_capacity(prompts.len());
+    for (i, text) in prompts.iter().enumerate() {
+        let bad = |why: String| {
+            SkillError::invalid_input(format!("validation prompt {i}: {why}"))
+                .with_field(format!("validation_prompts[{i}]"))
+                .with_hint("give non-empty text the base model's tokenizer encodes")
+        };
+        let ids = tok.encode(text, true).map_err(|e| bad(e.to_string()))?;
+        if ids.is_empty() {
+            return Err(bad("encodes to no tokens".into()));
+        }
+        if let Some(id) = ids.iter().find(|&&id| !(0..vocab).contains(&id)) {
+            return Err(bad(format!(
+                "token id {id} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        out.push(cut(ids));
+    }
+    Ok((out, "validation_prompts".into()))
+}
+
+/// Checks the caller's `validation_prompts` against the base model (its
+/// tokenizer and vocabulary) before anything is written; no prompts pass.
+/// A base whose config does not read is left to the merge to report.
+pub fn check_prompts(base_dir: &Path, prompts: &[String]) -> Result<(), SkillError> {
+    if prompts.is_empty() {
+        return Ok(());
+    }
+    match lora_engine::ModelConfig::from_file(&base_dir.join("config.json")) {
+        Ok(c) => prompt_ids(base_dir, prompts, c.vocab_size as i64).map(|_| ()),
+        Err(_) => Ok(()),
+    }
 }
 
 /// Logits of every prompt, concatenated over positions `[Σ T, V]`.
@@ -164,9 +227,11 @@ pub fn validate_logits(
     // is the written file's, not f32 compute noise (which alone reaches ~1e-4
     // on a 30-layer model with logits near 40); above 1 B parameters in f32,
     // with the f32 bound relative to the largest logit.
-    let params = lora_engine::ModelConfig::from_file(&base_dir.join("config.json"))
-        .map(|c| c.num_parameters())
-        .map_err(backend)?;
+    let config =
+        lora_engine::ModelConfig::from_file(&base_dir.join("config.json")).map_err(backend)?;
+    let params = config.num_parameters();
+    // Bad prompts are the caller's input: refused before any model is loaded.
+    let (ids, source) = prompt_ids(base_dir, prompts, config.vocab_size as i64)?;
     let kind = if params <= 1_000_000_000 {
         Kind::Double
     } else {
@@ -174,7 +239,6 @@ pub fn validate_logits(
     };
     let mut reference = load(base_dir, kind)?;
     lora::load_peft(&mut reference, adapter_dir).map_err(backend)?;
-    let ids = prompt_ids(base_dir, prompts, reference.config.vocab_size as i64);
     let want = logits(&reference, &ids)?;
     drop(reference);
     let merged = load(merged_dir, kind)?;
@@ -215,8 +279,8 @@ pub fn validate_logits(
     let verdict = if passed { "<=" } else { "exceeds the bound" };
     Ok(MergeValidation {
         method: format!(
-            "logits: the written model against base + adapter (unmerged) on libtorch, {} prompt(s), \
-             {tokens} positions x {} vocabulary entries, computed in {kind:?} ({written:?}; max |logit| \
+            "logits: the written model against base + adapter (unmerged) on libtorch, {} prompt(s) \
+             ({source}, up to {MAX_PROMPT_TOKENS} tokens each), {tokens} positions x {} vocabulary entries, computed in {kind:?} ({written:?}; max |logit| \
              {scale:.2}); criterion: {criterion} {value:.3e} {verdict} {bound:.3e}; relative RMS {rms:.3e}, \
              top-1 agreement {top1:.3}",
             ids.len(),

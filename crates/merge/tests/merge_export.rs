@@ -239,6 +239,17 @@ async fn merge_skill_runs_through_the_registry_and_validates() {
     let v = &res.data["validation"];
     assert_eq!(v["passed"], true, "{v}");
     assert!(v["max_abs_diff"].as_f64().unwrap() < 1e-4);
+    // The engine does not run DoRA: the weight check, said in a warning, and no logit figure.
+    assert!(v["method"].as_str().unwrap().starts_with("weights"), "{v}");
+    assert!(res.data["max_abs_logit_diff"].is_null());
+    assert!(
+        res.data["warnings"].as_array().unwrap().iter().any(|w| {
+            let w = w.as_str().unwrap();
+            w.contains("engine cannot run this base and adapter") && w.contains("use_dora")
+        }),
+        "{}",
+        res.data["warnings"]
+    );
     assert!(res.data["adapted_tensors"].as_u64().unwrap() >= 4);
     assert!(!sink.events().is_empty(), "progress reported");
     // Combination then GGUF LoRA through the same skill; DoRA adapters are refused for GGUF LoRA.
@@ -258,6 +269,16 @@ async fn merge_skill_runs_through_the_registry_and_validates() {
             .as_str()
             .unwrap()
             .ends_with("combined-LoRA.gguf")
+    );
+    assert!(res.data["validation"].is_null());
+    assert!(
+        res.data["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("not validated at run time")),
+        "{}",
+        res.data["warnings"]
     );
     let bad = serde_json::json!({
         "adapter_path": s.join("a_dora").display().to_string(),
@@ -307,7 +328,8 @@ async fn validate_after_merge_compares_logits_and_catches_a_wrong_model() {
     };
     let cases = [
         (
-            serde_json::json!({"output_format": "safetensors"}),
+            serde_json::json!({"output_format": "safetensors",
+                               "validation_prompts": ["Held-out prompt one.", "def f(x):\n    return x"]}),
             "f32",
             "llama",
             "a_plain",
@@ -360,6 +382,12 @@ async fn validate_after_merge_compares_logits_and_catches_a_wrong_model() {
         let diff = res.data["max_abs_logit_diff"].as_f64().unwrap();
         assert_eq!(diff, v["max_abs_diff"].as_f64().unwrap());
         assert!(v["tolerance"].as_f64().unwrap() >= rel, "{name}: {v}");
+        let from = if name == "f32" {
+            "(validation_prompts,"
+        } else {
+            "(the built-in prompts,"
+        };
+        assert!(v["method"].as_str().unwrap().contains(from), "{name}: {v}");
         eprintln!(
             "{name}: max |Δlogit| {diff:.3e}, relative RMS {}, top-1 {} (bound {})",
             v["relative_rms_diff"], v["top1_agreement"], v["tolerance"]
@@ -495,4 +523,55 @@ async fn validation_fails_on_a_tampered_output() {
         assert!(err.hint.is_some(), "{err:?}");
         assert!(file.exists());
     }
+}
+
+/// `validation_prompts` are the caller's input: given with a base that has no
+/// tokenizer they are refused (field, hint) before anything is written; with
+/// no prompts such a base is checked on a fixed token-id ramp.
+#[tokio::test]
+async fn validation_prompts_need_the_tokenizer() {
+    let Some(s) = require_python("validation_prompts_need_the_tokenizer") else {
+        return;
+    };
+    let out = scratch();
+    let bare = out.join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(s.join("llama").join(f), bare.join(f)).unwrap();
+    }
+    let mut reg = lora_skill::SkillRegistry::new();
+    lora_merge::register(&mut reg);
+    let ctx = lora_skill::SkillContext::new(&out);
+    let input = |prompts: serde_json::Value, name: &str| {
+        serde_json::json!({
+            "adapter_path": s.join("a_plain").display().to_string(),
+            "base_model": bare.display().to_string(),
+            "output_path": out.join(name).display().to_string(),
+            "validation_prompts": prompts,
+        })
+    };
+    let err = reg
+        .call_json(
+            lora_spec::contracts::names::MERGE,
+            input(serde_json::json!(["Hello"]), "refused"),
+            &ctx,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, lora_skill::ErrorKind::InvalidInput, "{err:?}");
+    assert_eq!(err.field.as_deref(), Some("validation_prompts"), "{err:?}");
+    assert!(err.hint.is_some(), "{err:?}");
+    assert!(!out.join("refused").exists(), "nothing written");
+    let res = reg
+        .call_json(
+            lora_spec::contracts::names::MERGE,
+            input(serde_json::json!([]), "ramp"),
+            &ctx,
+        )
+        .await
+        .unwrap();
+    let v = &res.data["validation"];
+    assert_eq!(v["passed"], true, "{v}");
+    assert!(v["method"].as_str().unwrap().contains("id ramp"), "{v}");
+    assert!(res.data["max_abs_logit_diff"].as_f64().unwrap() <= 1e-4);
 }
