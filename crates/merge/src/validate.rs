@@ -8,8 +8,11 @@
 //! difference ‖Δ‖₂/‖reference − mean‖₂ and the top-1 agreement):
 //! - f32 (safetensors or GGUF F32): max |Δlogit| ≤ 1e-4 absolute. Both sides
 //!   run in f64 (models up to 1 B parameters), so what remains is the one f32
-//!   rounding of each stored `W + s·B·A`. Larger models run in f32 and the
-//!   bound becomes relative to the largest logit.
+//!   rounding of each stored `W + s·B·A`. Larger models (or ones whose f64
+//!   copy does not fit the available memory) run in f32 and the bound becomes
+//!   relative to the largest logit; a model that does not fit in f32 either
+//!   is not run ([`compute_kind`]): the weight check (safetensors) or a
+//!   warning (GGUF) replaces the logit check.
 //! - f16 weights (11-bit significand, step 2^-11 ≈ 4.9e-4): max |Δlogit| ≤
 //!   1e-2 × max(1, max |logit|); bf16 (8-bit, 3.9e-3): 5e-2 ×; GGUF Q8_0
 //!   (8-bit blocks of 32, step ≈ block max / 127): 1e-1 ×.
@@ -188,13 +191,61 @@ fn load(dir: &Path, kind: Kind) -> Result<LlamaModel, SkillError> {
     Ok(model)
 }
 
-/// Why the engine cannot run this base and adapter, if it cannot (the caller
-/// then falls back to the weight check): a Llama-family config and a plain
-/// LoRA adapter (no DoRA, no replaced modules, no per-layer patterns) are
-/// what it runs.
+/// Models up to this many parameters are checked in f64, larger ones in f32.
+pub const F64_MAX_PARAMETERS: usize = 1_000_000_000;
+
+/// Memory the check needs for a model of `params` parameters computed in
+/// `kind`, bytes: one model at a time in that type (the reference is dropped
+/// before the written model loads), +10 %, plus 0.5 GB for libtorch, the
+/// tokenizer and the logits (measured: 1.8 GB peak for 135 M in f64).
+pub fn memory_needed(params: usize, kind: Kind) -> u64 {
+    let per = if kind == Kind::Double { 8.0 } else { 4.0 };
+    (params as f64 * per * 1.1) as u64 + 500_000_000
+}
+
+/// The compute type of the check: f64 up to [`F64_MAX_PARAMETERS`] when it
+/// fits in `available` bytes, else f32 when that fits; `None` when neither
+/// does (the check would be killed for memory after a merge that worked).
+/// With `available` unknown, memory is not limited.
+pub fn compute_kind(params: usize, available: Option<u64>) -> Option<Kind> {
+    let fits = |k| available.is_none_or(|a| memory_needed(params, k) <= a);
+    if params <= F64_MAX_PARAMETERS && fits(Kind::Double) {
+        Some(Kind::Double)
+    } else if fits(Kind::Float) {
+        Some(Kind::Float)
+    } else {
+        None
+    }
+}
+
+/// The machine's available memory (`MemAvailable`, Linux), bytes.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Why the logit check cannot run this base and adapter, if it cannot (the
+/// caller then falls back to the weight check): the engine runs a
+/// Llama-family config and a plain LoRA adapter (no DoRA, no replaced
+/// modules, no per-layer patterns), and the model must fit in the available
+/// memory in f32 ([`compute_kind`]).
 pub fn engine_unsupported(base_dir: &Path, adapter_dir: &Path) -> Option<String> {
-    if let Err(e) = lora_engine::ModelConfig::from_file(&base_dir.join("config.json")) {
-        return Some(e.to_string());
+    match lora_engine::ModelConfig::from_file(&base_dir.join("config.json")) {
+        Err(e) => return Some(e.to_string()),
+        Ok(c) => {
+            let params = c.num_parameters();
+            let available = available_memory();
+            if compute_kind(params, available).is_none() {
+                return Some(format!(
+                    "a {:.1} B-parameter model needs {:.1} GB in f32 to run, {:.1} GB is available",
+                    params as f64 / 1e9,
+                    memory_needed(params, Kind::Float) as f64 / 1e9,
+                    available.unwrap_or(0) as f64 / 1e9
+                ));
+            }
+        }
     }
     match lora::read_peft_config(adapter_dir) {
         Err(e) => Some(e.to_string()),
@@ -225,18 +276,21 @@ pub fn validate_logits(
 ) -> Result<MergeValidation, SkillError> {
     // Both sides compute in f64 when it fits in memory, so that the difference
     // is the written file's, not f32 compute noise (which alone reaches ~1e-4
-    // on a 30-layer model with logits near 40); above 1 B parameters in f32,
-    // with the f32 bound relative to the largest logit.
+    // on a 30-layer model with logits near 40); above 1 B parameters, or when
+    // f64 does not fit, in f32 with the f32 bound relative to the largest logit.
     let config =
         lora_engine::ModelConfig::from_file(&base_dir.join("config.json")).map_err(backend)?;
     let params = config.num_parameters();
     // Bad prompts are the caller's input: refused before any model is loaded.
     let (ids, source) = prompt_ids(base_dir, prompts, config.vocab_size as i64)?;
-    let kind = if params <= 1_000_000_000 {
-        Kind::Double
-    } else {
-        Kind::Float
-    };
+    let kind = compute_kind(params, available_memory()).ok_or_else(|| {
+        SkillError::backend(format!(
+            "not enough memory to run the {:.1} B-parameter model for the logit check ({:.1} GB needed in f32)",
+            params as f64 / 1e9,
+            memory_needed(params, Kind::Float) as f64 / 1e9
+        ))
+        .with_hint("free memory, or set validate_after_merge: false")
+    })?;
     let mut reference = load(base_dir, kind)?;
     lora::load_peft(&mut reference, adapter_dir).map_err(backend)?;
     let want = logits(&reference, &ids)?;
@@ -292,4 +346,33 @@ pub fn validate_logits(
         relative_rms_diff: Some(rms),
         top1_agreement: Some(top1),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_kind_falls_back_to_f32_then_to_none() {
+        let gb = 1_000_000_000u64;
+        // 135 M: f64 needs 1.7 GB, f32 1.1 GB.
+        assert_eq!(compute_kind(135_000_000, Some(16 * gb)), Some(Kind::Double));
+        assert_eq!(compute_kind(135_000_000, None), Some(Kind::Double));
+        assert_eq!(compute_kind(135_000_000, Some(12 * gb / 10)), Some(Kind::Float));
+        assert_eq!(compute_kind(135_000_000, Some(gb / 2)), None);
+        // 7 B: f32 needs 31.3 GB, never f64.
+        assert_eq!(
+            compute_kind(7_000_000_000, Some(64 * gb)),
+            Some(Kind::Float)
+        );
+        assert_eq!(compute_kind(7_000_000_000, Some(16 * gb)), None);
+        assert_eq!(memory_needed(135_000_000, Kind::Double), 1_688_000_000);
+    }
+
+    #[test]
+    fn reads_available_memory_on_linux() {
+        if cfg!(target_os = "linux") {
+            assert!(available_memory().is_some_and(|b| b > 0));
+        }
+    }
 }
