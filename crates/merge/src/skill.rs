@@ -55,14 +55,16 @@ pub fn default_output(adapter: &Path, format: ExportFormat, adapter_only: bool) 
 /// copy): the written model's logits against base + adapter (module
 /// [`crate::validate`]) when the engine runs this architecture and adapter;
 /// else, for safetensors, the weight check; otherwise a warning says why the
-/// file was not validated at run time. A failed check is a `backend` error
-/// naming the file, with the measured difference and its bound.
+/// file was not validated at run time. Without an adapter (a plain
+/// conversion) the written file is checked against the base alone. A failed
+/// check is a `backend` error naming the file, with the measured difference
+/// and its bound.
 pub fn validate_output(
     kind: ExportKind,
     input: &MergeInput,
     out: &Path,
     base_dir: &Path,
-    adapter_dir: &Path,
+    adapter_dir: Option<&Path>,
     ctx: &SkillContext,
     warnings: &mut Vec<String>,
 ) -> std::result::Result<Option<MergeValidation>, SkillError> {
@@ -137,7 +139,10 @@ pub fn validate_output(
                 Written::F16 | Written::Bf16 => 5e-2,
                 _ => 1e-4,
             });
-            validate_safetensors(out, base_dir, adapter_dir, tol)?
+            match adapter_dir {
+                Some(adapter_dir) => validate_safetensors(out, base_dir, adapter_dir, tol)?,
+                None => return Ok(None),
+            }
         }
         Some(why) => {
             warnings.push(format!(
@@ -353,7 +358,7 @@ impl Skill for MergeSkill {
                 &input,
                 &out,
                 &base_dir,
-                &adapter_dir,
+                Some(&adapter_dir),
                 ctx,
                 &mut warnings,
             )?;

@@ -231,7 +231,7 @@ pub fn available_memory() -> Option<u64> {
 /// Llama-family config and a plain LoRA adapter (no DoRA, no replaced
 /// modules, no per-layer patterns), and the model must fit in the available
 /// memory in f32 ([`compute_kind`]).
-pub fn engine_unsupported(base_dir: &Path, adapter_dir: &Path) -> Option<String> {
+pub fn engine_unsupported(base_dir: &Path, adapter_dir: Option<&Path>) -> Option<String> {
     match lora_engine::ModelConfig::from_file(&base_dir.join("config.json")) {
         Err(e) => return Some(e.to_string()),
         Ok(c) => {
@@ -247,6 +247,7 @@ pub fn engine_unsupported(base_dir: &Path, adapter_dir: &Path) -> Option<String>
             }
         }
     }
+    let adapter_dir = adapter_dir?;
     match lora::read_peft_config(adapter_dir) {
         Err(e) => Some(e.to_string()),
         Ok(c) if c.use_dora => Some("DoRA adapters".into()),
@@ -263,13 +264,14 @@ pub fn engine_unsupported(base_dir: &Path, adapter_dir: &Path) -> Option<String>
     }
 }
 
-/// Runs the prompts through base + adapter (unmerged) and through the written
-/// model (`merged_dir`: an HF folder, for GGUF the importer's output) and
-/// compares the logits.
+/// Runs the prompts through base + adapter (unmerged; the base alone without
+/// an adapter, for a plain conversion) and through the written model
+/// (`merged_dir`: an HF folder, for GGUF the importer's output) and compares
+/// the logits.
 pub fn validate_logits(
     merged_dir: &Path,
     base_dir: &Path,
-    adapter_dir: &Path,
+    adapter_dir: Option<&Path>,
     written: Written,
     prompts: &[String],
     tolerance: Option<f64>,
@@ -292,7 +294,14 @@ pub fn validate_logits(
         .with_hint("free memory, or set validate_after_merge: false")
     })?;
     let mut reference = load(base_dir, kind)?;
-    lora::load_peft(&mut reference, adapter_dir).map_err(backend)?;
+    if let Some(adapter_dir) = adapter_dir {
+        lora::load_peft(&mut reference, adapter_dir).map_err(backend)?;
+    }
+    let against = if adapter_dir.is_some() {
+        "base + adapter (unmerged)"
+    } else {
+        "the base model"
+    };
     let want = logits(&reference, &ids)?;
     drop(reference);
     let merged = load(merged_dir, kind)?;
@@ -333,7 +342,7 @@ pub fn validate_logits(
     let verdict = if passed { "<=" } else { "exceeds the bound" };
     Ok(MergeValidation {
         method: format!(
-            "logits: the written model against base + adapter (unmerged) on libtorch, {} prompt(s) \
+            "logits: the written model against {against} on libtorch, {} prompt(s) \
              ({source}, up to {MAX_PROMPT_TOKENS} tokens each), {tokens} positions x {} vocabulary entries, computed in {kind:?} ({written:?}; max |logit| \
              {scale:.2}); criterion: {criterion} {value:.3e} {verdict} {bound:.3e}; relative RMS {rms:.3e}, \
              top-1 agreement {top1:.3}",
@@ -358,7 +367,10 @@ mod tests {
         // 135 M: f64 needs 1.7 GB, f32 1.1 GB.
         assert_eq!(compute_kind(135_000_000, Some(16 * gb)), Some(Kind::Double));
         assert_eq!(compute_kind(135_000_000, None), Some(Kind::Double));
-        assert_eq!(compute_kind(135_000_000, Some(12 * gb / 10)), Some(Kind::Float));
+        assert_eq!(
+            compute_kind(135_000_000, Some(12 * gb / 10)),
+            Some(Kind::Float)
+        );
         assert_eq!(compute_kind(135_000_000, Some(gb / 2)), None);
         // 7 B: f32 needs 31.3 GB, never f64.
         assert_eq!(

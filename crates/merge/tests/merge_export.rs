@@ -397,7 +397,7 @@ async fn validate_after_merge_compares_logits_and_catches_a_wrong_model() {
     let wrong = lora_merge::validate::validate_logits(
         &out.join("f32"),
         &s.join("llama"),
-        &s.join("a_second"),
+        Some(&s.join("a_second")),
         lora_merge::validate::Written::F32,
         &[],
         None,
@@ -405,6 +405,44 @@ async fn validate_after_merge_compares_logits_and_catches_a_wrong_model() {
     .unwrap();
     assert!(!wrong.passed, "{wrong:?}");
     assert!(wrong.max_abs_diff > 100.0 * wrong.tolerance, "{wrong:?}");
+    // Without an adapter (a plain conversion, `lora-trainer export` of a base)
+    // the file is checked against the base alone.
+    let plain = out.join("base16.gguf");
+    let mut req = ExportRequest::new(s.join("llama"), None, &plain, ExportKind::Gguf);
+    req.quant = lora_spec::contracts::merge::GgufQuantization::F16;
+    export(&req, &mut |_, _, _| Ok(())).unwrap();
+    let input = lora_spec::contracts::merge::MergeInput {
+        gguf_quantization: lora_spec::contracts::merge::GgufQuantization::F16,
+        ..Default::default()
+    };
+    let mut warnings = Vec::new();
+    let v = lora_merge::skill::validate_output(
+        ExportKind::Gguf,
+        &input,
+        &plain,
+        &s.join("llama"),
+        None,
+        &ctx,
+        &mut warnings,
+    )
+    .unwrap()
+    .unwrap();
+    assert!(
+        v.passed && v.method.contains("against the base model"),
+        "{v:?}"
+    );
+    eprintln!("base only, GGUF F16: max |Δlogit| {:.3e}", v.max_abs_diff);
+    // The merged model is not the base: against the base alone it fails.
+    let not_base = lora_merge::validate::validate_logits(
+        &out.join("f32"),
+        &s.join("llama"),
+        None,
+        lora_merge::validate::Written::F32,
+        &[],
+        None,
+    )
+    .unwrap();
+    assert!(!not_base.passed, "{not_base:?}");
 }
 
 /// Byte offset of `needle` in `hay` (the tensor's bytes inside its file).
@@ -500,7 +538,7 @@ async fn validation_fails_on_a_tampered_output() {
             &input,
             &path,
             &s.join("llama"),
-            &s.join("a_plain"),
+            Some(&s.join("a_plain")),
             &ctx,
             &mut warnings,
         )
