@@ -4,6 +4,10 @@
 //! - `merge --model DIR --adapter DIR --out DIR`: merged Hugging Face safetensors.
 //! - `export --model DIR [--adapter DIR] --format safetensors|gguf|pytorch [--quant f16|q8_0|q4_k_m] --out PATH`
 //! - `export --adapter DIR --format gguf-lora --out FILE` (a GGUF LoRA for `llama-cli --lora`).
+//!
+//! Both check what they wrote unless `--no-validate`: the written model's logits on the engine
+//! against base + adapter (the base alone for `export` without `--adapter`), see
+//! `lora_merge::validate`.
 
 use std::path::PathBuf;
 
@@ -12,7 +16,9 @@ use clap::{Args as ClapArgs, ValueEnum};
 use lora_merge::export::{ExportKind, ExportRequest, ExportSummary};
 use lora_merge::{DType, MergeError};
 use lora_skill::{SkillContext, SkillError};
-use lora_spec::contracts::merge::{ExportFormat, GgufQuantization, MergeInput, OutputDtype};
+use lora_spec::contracts::merge::{
+    ExportFormat, GgufQuantization, MergeInput, MergeValidation, OutputDtype,
+};
 use lora_spec::contracts::names;
 
 use crate::exit::Usage;
@@ -36,9 +42,12 @@ pub struct MergeArgs {
     /// Shard size limit, MB.
     #[arg(long, default_value_t = 5000)]
     pub max_shard_mb: u64,
-    /// Skip the check of the written weights against base + adapter.
+    /// Skip validate_after_merge (the merged model's logits against base + adapter on the engine).
     #[arg(long)]
     pub no_validate: bool,
+    /// A prompt for the validation (repeat for several; default: three built-in texts).
+    #[arg(long = "validation-prompt", value_name = "TEXT")]
+    pub validation_prompts: Vec<String>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -113,6 +122,13 @@ pub struct ExportArgs {
     /// Export a fine-tuned GGUF even though no chat template was found.
     #[arg(long)]
     pub allow_missing_chat_template: bool,
+    /// Skip the check of the written file (safetensors, gguf: its logits on the engine against
+    /// base + adapter, or the base alone without --adapter, within the format's bound).
+    #[arg(long)]
+    pub no_validate: bool,
+    /// A prompt for the validation (repeat for several; default: three built-in texts).
+    #[arg(long = "validation-prompt", value_name = "TEXT")]
+    pub validation_prompts: Vec<String>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -158,6 +174,7 @@ pub async fn merge(args: MergeArgs, verbose: u8) -> anyhow::Result<()> {
             DtypeArg::Bf16 => OutputDtype::Bf16,
         }),
         max_shard_size_mb: args.max_shard_mb,
+        validation_prompts: args.validation_prompts,
         ..MergeInput::default()
     };
     let reg = crate::skills::registry();
@@ -168,17 +185,21 @@ pub async fn merge(args: MergeArgs, verbose: u8) -> anyhow::Result<()> {
     }
     output::line(&res.output_text)?;
     if let Some(v) = &res.data.validation {
-        output::line(&format!(
-            "validation: max |Δ| {:.2e} <= {:.1e} ({})",
-            v.max_abs_diff,
-            v.tolerance,
-            if v.passed { "passed" } else { "FAILED" }
-        ))?;
+        print_validation(v)?;
     }
     for w in &res.data.warnings {
         output::line(&format!("warning: {w}"))?;
     }
     Ok(())
+}
+
+/// The validation's one-line summary.
+fn print_validation(v: &MergeValidation) -> anyhow::Result<()> {
+    output::line(&format!(
+        "validation {}: {}",
+        if v.passed { "passed" } else { "FAILED" },
+        v.method
+    ))
 }
 
 /// `lora-trainer export`.
@@ -216,6 +237,11 @@ pub async fn export(args: ExportArgs, verbose: u8) -> anyhow::Result<()> {
     req.dtype = args.dtype.map(dtype);
     req.max_shard_bytes = args.max_shard_mb.max(1) * 1_000_000;
     req.allow_missing_chat_template = args.allow_missing_chat_template;
+    let validate = !args.no_validate;
+    if validate {
+        // Prompts the check could not run are refused before anything is written.
+        lora_merge::validate::check_prompts(&model, &args.validation_prompts)?;
+    }
     let started = std::time::Instant::now();
     let mut progress = ctx.progress("export", None, "tensors");
     let summary: ExportSummary = {
@@ -229,8 +255,28 @@ pub async fn export(args: ExportArgs, verbose: u8) -> anyhow::Result<()> {
         lora_merge::export(&req, &mut on_tensor).map_err(SkillError::from)?
     };
     progress.finish(format!("wrote {}", args.out.display()));
+    let mut summary = summary;
+    let mut validation = None;
+    if validate {
+        let input = MergeInput {
+            gguf_quantization: req.quant,
+            validation_prompts: args.validation_prompts.clone(),
+            ..MergeInput::default()
+        };
+        validation = lora_merge::skill::validate_output(
+            kind,
+            &input,
+            &args.out,
+            &model,
+            args.adapter.as_deref(),
+            &ctx,
+            &mut summary.warnings,
+        )?;
+    }
     if args.json {
-        return output::json(&summary);
+        let mut v = serde_json::to_value(&summary)?;
+        v["validation"] = serde_json::to_value(&validation)?;
+        return output::json(&v);
     }
     output::line(&format!(
         "{} -> {} ({} tensors, {} adapted, {:.1} MB) in {:.1}s",
@@ -250,6 +296,9 @@ pub async fn export(args: ExportArgs, verbose: u8) -> anyhow::Result<()> {
             .map(|(k, v)| format!("{k}×{v}"))
             .collect();
         output::line(&format!("tensor types: {}", types.join(", ")))?;
+    }
+    if let Some(v) = &validation {
+        print_validation(v)?;
     }
     for w in &summary.warnings {
         output::line(&format!("warning: {w}"))?;
