@@ -70,11 +70,16 @@ pub fn validate_output(
 ) -> std::result::Result<Option<MergeValidation>, SkillError> {
     let written = match kind {
         ExportKind::Safetensors => {
+            // The coarsest type of any tensor sets the bound (a bf16 model may
+            // keep its norms in f32).
             let set = SafetensorsSet::open_model_dir(out)?;
-            Some(match set.entries().first().map(|e| e.dtype) {
-                Some(DType::F16) => Written::F16,
-                Some(DType::BF16) => Written::Bf16,
-                _ => Written::F32,
+            let has = |d| set.entries().iter().any(|e| e.dtype == d);
+            Some(if has(DType::BF16) {
+                Written::Bf16
+            } else if has(DType::F16) {
+                Written::F16
+            } else {
+                Written::F32
             })
         }
         ExportKind::Gguf => Some(Written::Gguf(input.gguf_quantization)),

@@ -613,3 +613,79 @@ async fn validation_prompts_need_the_tokenizer() {
     assert!(v["method"].as_str().unwrap().contains("id ramp"), "{v}");
     assert!(res.data["max_abs_logit_diff"].as_f64().unwrap() <= 1e-4);
 }
+
+/// A bf16 base that keeps some tensors in f32 (embeddings, norms) merges into
+/// a mixed folder; its validation is held to the bf16 bound (the coarsest
+/// type written), not to f32's 1e-4 because the first tensor is f32.
+#[tokio::test]
+async fn mixed_dtype_output_is_held_to_its_coarsest_type() {
+    let Some(s) = require_python("mixed_dtype_output_is_held_to_its_coarsest_type") else {
+        return;
+    };
+    let out = scratch();
+    let base = out.join("mixed");
+    std::fs::create_dir_all(&base).unwrap();
+    for e in std::fs::read_dir(s.join("qwen")).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "model.safetensors" {
+            std::fs::copy(&p, base.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let bytes = std::fs::read(s.join("qwen/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::BF16);
+        if name.contains("embed_tokens") || name.contains("norm") {
+            let data = view
+                .data()
+                .chunks_exact(2)
+                .flat_map(|c| {
+                    half::bf16::from_le_bytes([c[0], c[1]])
+                        .to_f32()
+                        .to_le_bytes()
+                })
+                .collect();
+            tensors.push((name, safetensors::Dtype::F32, view.shape().to_vec(), data));
+        } else {
+            tensors.push((
+                name,
+                view.dtype(),
+                view.shape().to_vec(),
+                view.data().to_vec(),
+            ));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, sh, data)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, sh.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &base.join("model.safetensors")).unwrap();
+    let mut reg = lora_skill::SkillRegistry::new();
+    lora_merge::register(&mut reg);
+    let ctx = lora_skill::SkillContext::new(&out);
+    let input = serde_json::json!({
+        "adapter_path": s.join("q_plain").display().to_string(),
+        "base_model": base.display().to_string(),
+        "output_path": out.join("merged").display().to_string(),
+    });
+    let res = reg
+        .call_json(lora_spec::contracts::names::MERGE, input, &ctx)
+        .await
+        .unwrap();
+    let written = SafetensorsSet::open_model_dir(&out.join("merged")).unwrap();
+    let types: std::collections::BTreeSet<_> = written
+        .entries()
+        .iter()
+        .map(|e| format!("{:?}", e.dtype))
+        .collect();
+    assert_eq!(types.len(), 2, "mixed output: {types:?}");
+    let v = &res.data["validation"];
+    assert_eq!(v["passed"], true, "{v}");
+    assert!(v["method"].as_str().unwrap().contains("(Bf16;"), "{v}");
+}
