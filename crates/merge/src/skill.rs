@@ -107,6 +107,7 @@ pub fn validate_output(
             if matches!(kind, ExportKind::Gguf) {
                 // Read the GGUF back with the engine's importer (dequantised, Q/K
                 // un-permuted): what a GGUF consumer computes, not what we meant to write.
+                ctx.check_cancelled()?;
                 let tmp = lora_skill::fs::temp_path_for(&out.with_extension("validate"));
                 let r = lora_engine::import_gguf(out, &tmp, |_, _| {})
                     .map_err(|e| {
@@ -120,6 +121,7 @@ pub fn validate_output(
                             written,
                             &input.validation_prompts,
                             input.validation_tolerance,
+                            ctx,
                         )
                     });
                 let _ = std::fs::remove_dir_all(&tmp);
@@ -132,6 +134,7 @@ pub fn validate_output(
                     written,
                     &input.validation_prompts,
                     input.validation_tolerance,
+                    ctx,
                 )?
             }
         }

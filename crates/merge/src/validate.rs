@@ -40,7 +40,7 @@
 use std::path::Path;
 
 use lora_engine::{LlamaModel, TextTokenizer, lora};
-use lora_skill::SkillError;
+use lora_skill::{SkillContext, SkillError};
 use lora_spec::contracts::merge::{GgufQuantization, MergeValidation};
 use tch::{Device, Kind, Tensor};
 
@@ -267,7 +267,8 @@ pub fn engine_unsupported(base_dir: &Path, adapter_dir: Option<&Path>) -> Option
 /// Runs the prompts through base + adapter (unmerged; the base alone without
 /// an adapter, for a plain conversion) and through the written model
 /// (`merged_dir`: an HF folder, for GGUF the importer's output) and compares
-/// the logits.
+/// the logits. Reports progress (four steps: load and run each side) and
+/// stops between steps when `ctx` is cancelled.
 pub fn validate_logits(
     merged_dir: &Path,
     base_dir: &Path,
@@ -275,6 +276,7 @@ pub fn validate_logits(
     written: Written,
     prompts: &[String],
     tolerance: Option<f64>,
+    ctx: &SkillContext,
 ) -> Result<MergeValidation, SkillError> {
     // Both sides compute in f64 when it fits in memory, so that the difference
     // is the written file's, not f32 compute noise (which alone reaches ~1e-4
@@ -293,6 +295,9 @@ pub fn validate_logits(
         ))
         .with_hint("free memory, or set validate_after_merge: false")
     })?;
+    ctx.check_cancelled()?;
+    let mut progress = ctx.progress("validate", Some(4), "steps");
+    progress.update(0, Some("loading base + adapter".into()), &[]);
     let mut reference = load(base_dir, kind)?;
     if let Some(adapter_dir) = adapter_dir {
         lora::load_peft(&mut reference, adapter_dir).map_err(backend)?;
@@ -302,10 +307,18 @@ pub fn validate_logits(
     } else {
         "the base model"
     };
+    ctx.check_cancelled()?;
+    progress.update(1, Some("running base + adapter".into()), &[]);
     let want = logits(&reference, &ids)?;
     drop(reference);
+    ctx.check_cancelled()?;
+    progress.update(2, Some("loading the written model".into()), &[]);
     let merged = load(merged_dir, kind)?;
+    ctx.check_cancelled()?;
+    progress.update(3, Some("running the written model".into()), &[]);
     let got = logits(&merged, &ids)?;
+    drop(merged);
+    progress.finish("compared");
     if got.size() != want.size() {
         return Err(SkillError::backend(format!(
             "the written model's logits have shape {:?}, base + adapter {:?}",

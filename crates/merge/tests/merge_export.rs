@@ -401,6 +401,7 @@ async fn validate_after_merge_compares_logits_and_catches_a_wrong_model() {
         lora_merge::validate::Written::F32,
         &[],
         None,
+        &ctx,
     )
     .unwrap();
     assert!(!wrong.passed, "{wrong:?}");
@@ -440,6 +441,7 @@ async fn validate_after_merge_compares_logits_and_catches_a_wrong_model() {
         lora_merge::validate::Written::F32,
         &[],
         None,
+        &ctx,
     )
     .unwrap();
     assert!(!not_base.passed, "{not_base:?}");
@@ -496,6 +498,20 @@ async fn validation_fails_on_a_tampered_output() {
         let good = res.data["max_abs_logit_diff"].as_f64().unwrap();
         assert_eq!(res.data["validation"]["passed"], true, "{name}");
         let path = out.join(name);
+        // A cancelled caller stops the check before it loads anything.
+        let cancelled = lora_skill::SkillContext::new(&out);
+        cancelled.cancel_token().cancel();
+        let err = lora_merge::skill::validate_output(
+            kind,
+            &input,
+            &path,
+            &s.join("llama"),
+            Some(&s.join("a_plain")),
+            &cancelled,
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind, lora_skill::ErrorKind::Cancelled, "{err:?}");
         let (file, tensor) = match kind {
             ExportKind::Safetensors => {
                 let file = path.join("model.safetensors");
