@@ -521,7 +521,7 @@ impl LlamaModel {
         }
         let ids = input_ids.to_device(self.device);
         let positions = position_ids.to_device(self.device).to_kind(Kind::Int64);
-        let mask = Mask::Explicit(attend.to_device(self.device).to_kind(Kind::Bool));
+        let mask = Mask::Explicit(self.windowed(attend, t));
         self.run_layers(&ids, &positions, &mask, None, train)
     }
 
@@ -595,9 +595,8 @@ impl LlamaModel {
         }
         let (cos, sin) = self.rope_tables(&positions);
         let mask = match attend {
-            Some(a) => Mask::Explicit(a.to_device(self.device).to_kind(Kind::Bool)),
-            None if t == 1 => Mask::None,
-            None => Mask::Causal,
+            Some(a) => Mask::Explicit(self.windowed(a, t)),
+            None => self.build_mask(None, 0, t),
         };
         Ok(LayerContext { cos, sin, mask })
     }
@@ -636,6 +635,21 @@ impl LlamaModel {
             .unsqueeze(1)
             .to_kind(self.kind);
         (cos, sin)
+    }
+
+    /// A caller's boolean attention pattern `[B|1, 1, T, T]` on the model's
+    /// device, narrowed to the sliding window when the model has one that
+    /// the `t` tokens exceed (packed Mistral rows keep the window).
+    fn windowed(&self, attend: &Tensor, t: i64) -> Tensor {
+        let attend = attend.to_device(self.device).to_kind(Kind::Bool);
+        match self.config.sliding_window.map(|w| w as i64) {
+            Some(w) if t > w => {
+                let q = Tensor::arange(t, (Kind::Int64, self.device)).view([t, 1]);
+                let k = Tensor::arange(t, (Kind::Int64, self.device)).view([1, t]);
+                attend.logical_and(&(q - k).lt(w).view([1, 1, t, t]))
+            }
+            _ => attend,
+        }
     }
 
     fn build_mask(&self, pad_mask: Option<&Tensor>, past: i64, t: i64) -> Mask {

@@ -123,3 +123,91 @@ fn the_sliding_window_matters() {
     let logits = tch::no_grad(|| model.forward(&r["ids_plain"], None, None).unwrap());
     assert!(max_abs_diff(&logits, &r["logits_plain"]) > 1e-3);
 }
+
+/// Block-diagonal causal pattern `[1, 1, T, T]` of samples of `lens` laid end to end.
+fn packed_pattern(lens: &[i64]) -> Tensor {
+    let seg: Vec<i64> = lens
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &n)| std::iter::repeat_n(i as i64, n as usize))
+        .collect();
+    let t = seg.len() as i64;
+    let s = Tensor::from_slice(&seg);
+    let same = s.view([t, 1]).eq_tensor(&s.view([1, t]));
+    let causal = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).tril(0);
+    same.logical_and(&causal).view([1, 1, t, t])
+}
+
+/// Packed rows: a sample's logits are those it has alone, whatever is packed
+/// before or after it (block-diagonal attention, positions restarting at 0),
+/// and Mistral's sliding window still applies inside a packed sample (its
+/// second sample is longer than the fixture's window of 6). The layer-by-layer
+/// path used by activation checkpointing gives the same hidden states.
+#[test]
+fn a_packed_sample_has_its_logits_alone() {
+    let _g = tch::no_grad_guard();
+    for arch in ["llama", "mistral", "qwen2"] {
+        let (model, _) =
+            LlamaModel::load(&tiny_models().join(arch), Kind::Float, Device::Cpu).unwrap();
+        let vocab = model.config.vocab_size as i64;
+        let tokens = |n: i64, salt: i64| -> Vec<i64> {
+            (0..n).map(|i| (i * 31 + salt * 97 + 3) % vocab).collect()
+        };
+        let logits_alone = |ids: &[i64]| {
+            let x = Tensor::from_slice(ids).view([1, -1]);
+            model.forward(&x, None, None).unwrap()
+        };
+        let b = tokens(9, 1);
+        let b_alone = logits_alone(&b);
+        let mut seen_b: Vec<Tensor> = Vec::new();
+        for before in [tokens(4, 2), tokens(7, 3)] {
+            let row: Vec<i64> = before.iter().chain(&b).copied().collect();
+            let lens = [before.len() as i64, b.len() as i64];
+            let pos: Vec<i64> = lens.iter().flat_map(|&n| 0..n).collect();
+            let ids = Tensor::from_slice(&row).view([1, -1]);
+            let pos = Tensor::from_slice(&pos).view([1, -1]);
+            let attend = packed_pattern(&lens);
+            let hidden = model
+                .forward_hidden_attend(&ids, &pos, &attend, false)
+                .unwrap();
+            let logits = model.lm_head.forward(&hidden);
+            let got_b = logits.narrow(1, lens[0], lens[1]);
+            let d = max_abs_diff(&got_b, &b_alone);
+            assert!(d < 1e-5, "{arch}: packed sample's logits differ by {d}");
+            let d = max_abs_diff(&logits.narrow(1, 0, lens[0]), &logits_alone(&before));
+            assert!(d < 1e-5, "{arch}: first sample's logits differ by {d}");
+            seen_b.push(got_b);
+
+            // The layer-by-layer pass (activation checkpointing) on the same row.
+            let ctx = model.layer_context(&pos, Some(&attend)).unwrap();
+            let mut x = model.embed(&ids);
+            for l in 0..model.num_layers() {
+                x = model.layer(l, &x, &ctx, false);
+            }
+            let d = max_abs_diff(&model.final_norm(&x), &hidden);
+            assert!(
+                d < 1e-5,
+                "{arch}: layer-by-layer packed pass differs by {d}"
+            );
+        }
+        let d = max_abs_diff(&seen_b[0], &seen_b[1]);
+        assert!(
+            d < 1e-5,
+            "{arch}: the sample packed first changed the second's logits by {d}"
+        );
+
+        // Layer by layer with plain causal attention (the window applies too).
+        let ids = Tensor::from_slice(&b).view([1, -1]);
+        let pos = Tensor::arange(b.len() as i64, (Kind::Int64, Device::Cpu)).view([1, -1]);
+        let ctx = model.layer_context(&pos, None).unwrap();
+        let mut x = model.embed(&ids);
+        for l in 0..model.num_layers() {
+            x = model.layer(l, &x, &ctx, false);
+        }
+        let d = max_abs_diff(&model.lm_head.forward(&model.final_norm(&x)), &b_alone);
+        assert!(
+            d < 1e-5,
+            "{arch}: layer-by-layer causal pass differs by {d}"
+        );
+    }
+}

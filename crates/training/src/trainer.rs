@@ -294,6 +294,8 @@ impl TrainableModel for CheckpointedModel<'_> {
             return EngineModel { model: self.model }.hidden_states(batch, false);
         }
         let m = self.model;
+        // bf16 autocast on CUDA, as the ordinary forward (and the replay below).
+        let cuda = m.device().is_cuda();
         let ctx = m.layer_context(&batch.position_ids, batch.attention_mask.as_ref())?;
         let mut x = tch::no_grad(|| m.embed(&batch.input_ids));
         let n = m.num_layers();
@@ -306,10 +308,10 @@ impl TrainableModel for CheckpointedModel<'_> {
             tch::manual_seed(seed);
             inputs.push(x.shallow_clone());
             seeds.push(seed);
-            x = tch::no_grad(|| m.layer(l, &x, &ctx, true));
+            x = tch::no_grad(|| tch::autocast(cuda, || m.layer(l, &x, &ctx, true)));
         }
         let last = x.detach().set_requires_grad(true);
-        let out = m.final_norm(&last);
+        let out = tch::autocast(cuda, || m.final_norm(&last));
         *self.saved.borrow_mut() = Some(Saved {
             ctx,
             inputs,
@@ -333,7 +335,8 @@ impl TrainableModel for CheckpointedModel<'_> {
             // Layer 0's input is the frozen embedding: no gradient needed below it.
             let x = s.inputs[l].detach().set_requires_grad(l > 0);
             tch::manual_seed(s.seeds[l]);
-            let y = self.model.layer(l, &x, &s.ctx, true);
+            let cuda = self.model.device().is_cuda();
+            let y = tch::autocast(cuda, || self.model.layer(l, &x, &s.ctx, true));
             if y.requires_grad() {
                 (y * &g).sum(g.kind()).backward();
             }
