@@ -95,13 +95,22 @@ pub(crate) mod tests {
     }
 
     impl Toy {
+        /// Weights from a private ChaCha stream: tests running in parallel
+        /// share libtorch's default generator, so `manual_seed` + `randn`
+        /// would not give two toys with the same seed the same weights.
         pub(crate) fn new(vocab: i64, h: i64, seed: i64) -> Self {
-            tch::manual_seed(seed);
-            let opts = (Kind::Double, Device::Cpu);
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed as u64);
+            let mut draw = |shape: [i64; 2], scale: f64| {
+                let v: Vec<f64> = (0..shape[0] * shape[1])
+                    .map(|_| rng.random_range(-1.0..1.0) * scale)
+                    .collect();
+                Tensor::from_slice(&v).reshape(shape)
+            };
             Self {
-                emb: Tensor::randn([vocab, h], opts),
-                a: (Tensor::randn([2, h], opts) * 0.3).set_requires_grad(true),
-                b: (Tensor::randn([h, 2], opts) * 0.3).set_requires_grad(true),
+                emb: draw([vocab, h], 1.0),
+                a: draw([2, h], 0.5).set_requires_grad(true),
+                b: draw([h, 2], 0.5).set_requires_grad(true),
             }
         }
     }

@@ -613,8 +613,15 @@ impl MetricsLog {
     }
 }
 
+/// Held by [`train`] for a whole run: see there.
+static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs (or resumes) training.
 pub fn train(opts: &TrainOptions, monitor: &mut dyn Monitor) -> Result<TrainResult> {
+    // libtorch's default generator (LoRA init, dropout) is process-wide and
+    // reseeded at every step: two runs in one process take turns, or neither
+    // would be reproducible.
+    let _generator = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(n) = opts.threads {
         tch::set_num_threads(n);
     }
