@@ -97,6 +97,8 @@ fn checkpoint_step(name: &str) -> Option<u64> {
 
 /// The latest complete checkpoint of a trial folder: the highest-numbered
 /// checkpoint folder directly in `output_dir` or in `output_dir/checkpoints`.
+/// A folder holding no visible file (a writer killed between creating it and
+/// filling it) is not a checkpoint.
 pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
     let mut best: Option<(u64, PathBuf)> = None;
     for dir in [output_dir.to_path_buf(), output_dir.join("checkpoints")] {
@@ -111,12 +113,21 @@ pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(step) = checkpoint_step(&name)
                 && best.as_ref().is_none_or(|(s, _)| step > *s)
+                && has_visible_file(&path)
             {
                 best = Some((step, path));
             }
         }
     }
     best.map(|(_, p)| p)
+}
+
+/// Whether `dir` holds a file or folder whose name does not start with `.`.
+fn has_visible_file(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|rd| {
+        rd.flatten()
+            .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
+    })
 }
 
 /// One point of a loss curve.
@@ -218,13 +229,22 @@ mod tests {
             "checkpoint-20",
             ".checkpoint-30.tmp",
             "checkpoint-9",
+            "checkpoints/step-25",
         ] {
             std::fs::create_dir_all(dir.path().join(n)).unwrap();
+            std::fs::write(dir.path().join(n).join("state.json"), "{}").unwrap();
         }
-        std::fs::create_dir_all(dir.path().join("checkpoints/step-25")).unwrap();
         assert_eq!(
             latest_checkpoint(dir.path()).unwrap(),
             dir.path().join("checkpoints/step-25")
+        );
+        // A writer killed after creating the folder, before filling it.
+        std::fs::create_dir_all(dir.path().join("checkpoint-40")).unwrap();
+        std::fs::write(dir.path().join("checkpoint-40/.state.json.tmp"), "{").unwrap();
+        assert_eq!(
+            latest_checkpoint(dir.path()).unwrap(),
+            dir.path().join("checkpoints/step-25"),
+            "an empty checkpoint folder is skipped"
         );
     }
 

@@ -446,9 +446,16 @@ impl Skill for FakeTraining {
             }
             last = Some(loss);
             if step % d.save_every.max(1) == 0 && step < total {
+                // Published whole, as the real trainer does: built in a
+                // hidden folder, then renamed into place.
                 let ck = out.join(format!("checkpoint-{step}"));
-                lora_skill::fs::write_json_atomic(&ck.join("state.json"), &json!({"step": step}))
-                    .map_err(|e| io_err(&ck, e))?;
+                let tmp = out.join(format!(".checkpoint-{step}.tmp"));
+                lora_skill::fs::write_json_atomic(&tmp.join("state.json"), &json!({"step": step}))
+                    .map_err(|e| io_err(&tmp, e))?;
+                if ck.exists() {
+                    std::fs::remove_dir_all(&ck).map_err(|e| io_err(&ck, e))?;
+                }
+                lora_skill::fs::publish_dir(&tmp, &ck).map_err(|e| io_err(&ck, e))?;
             }
         }
         bar.finish("done");
