@@ -6,6 +6,7 @@
 //! (repetition penalty, then temperature, top-k, top-p), so greedy decoding
 //! reproduces `model.generate(do_sample=False)` token for token.
 
+use crate::decode::FastDecoder;
 use crate::error::{EngineError, Result};
 use crate::model::{KvCache, LlamaModel};
 use crate::tokenizer::TextTokenizer;
@@ -47,6 +48,15 @@ pub struct GenerationConfig {
     /// Seed of the sampling RNG (ChaCha8, private to this call; `None` = from the clock).
     #[serde(default)]
     pub seed: Option<u64>,
+    /// After the prefill, decode a single fp32 CPU sequence with
+    /// [`FastDecoder`] (the same arithmetic with the small operations in
+    /// Rust); false keeps every step in the libtorch graph.
+    #[serde(default = "yes")]
+    pub fast_decode: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> f64 {
@@ -66,6 +76,7 @@ impl Default for GenerationConfig {
             stop_strings: Vec::new(),
             pad_token_id: 0,
             seed: None,
+            fast_decode: true,
         }
     }
 }
@@ -262,17 +273,34 @@ pub fn generate(
         .then(|| Tensor::from_slice(&cfg.eos_token_ids).to_device(device));
 
     let mut step_input = input;
+    // One unpadded fp32 CPU sequence decodes through the fast step after the prefill.
+    let use_fast = cfg.fast_decode && b == 1 && !padded && FastDecoder::supports(model);
+    let mut fast: Option<FastDecoder<'_>> = None;
+    let mut fed: Vec<i64> = Vec::with_capacity(b);
     for step in 0..cfg.max_new_tokens {
-        let hidden = model.forward_hidden_t(
-            &step_input,
-            padded.then_some(&attn),
-            None,
-            Some(&mut cache),
-            false,
-        )?;
-        let t = hidden.size()[1];
-        let last = hidden.narrow(1, t - 1, 1).squeeze_dim(1);
-        let mut logits = model.lm_head.forward(&last).to_kind(Kind::Float);
+        let mut logits = match fast.as_mut() {
+            Some(f) => f.step(fed[0])?,
+            None => {
+                let hidden = model.forward_hidden_t(
+                    &step_input,
+                    padded.then_some(&attn),
+                    None,
+                    Some(&mut cache),
+                    false,
+                )?;
+                let t = hidden.size()[1];
+                let last = hidden.narrow(1, t - 1, 1).squeeze_dim(1);
+                if use_fast {
+                    fast = Some(FastDecoder::from_cache(
+                        model,
+                        &cache,
+                        longest + cfg.max_new_tokens,
+                    )?);
+                }
+                model.lm_head.forward(&last)
+            }
+        }
+        .to_kind(Kind::Float);
         if cfg.repetition_penalty != 1.0 {
             logits = repetition_penalty(&logits, &seen, cfg.repetition_penalty);
         }
@@ -295,7 +323,7 @@ pub fn generate(
         } else {
             Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?
         };
-        let mut fed = Vec::with_capacity(b);
+        fed.clear();
         for (row, &tok) in next.iter().enumerate() {
             if done[row].is_some() {
                 fed.push(cfg.pad_token_id);
@@ -323,6 +351,9 @@ pub fn generate(
         }
         if done.iter().all(Option::is_some) || step + 1 == cfg.max_new_tokens {
             break;
+        }
+        if fast.is_some() {
+            continue;
         }
         step_input = Tensor::from_slice(&fed).view([b64, 1]).to_device(device);
         if padded {

@@ -6,12 +6,14 @@
 //! load report), [`model`] (forward pass and KV cache), [`nn`] (Linear with a
 //! LoRA slot, RMSNorm, Embedding), [`lora`] (the adapter layer), [`tokenizer`]
 //! (tokenizer.json, special tokens, chat template), [`generate`] (sampling),
+//! [`decode`] (the one-token decode step of one sequence on the CPU),
 //! [`gguf`] (GGUF reader, dequantisation), [`gguf_import`] (GGUF → HF folder),
 //! [`hub`] (model names: local folders and the Hugging Face cache).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))] // Tests may unwrap; library code may not.
 
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -31,6 +33,7 @@ mod parity_tests;
 pub(crate) mod testutil;
 
 pub use config::{Architecture, HfConfig, ModelConfig, RopeScaling};
+pub use decode::FastDecoder;
 pub use error::{EngineError, Result};
 pub use generate::{FinishReason, Generation, GenerationConfig, generate};
 pub use gguf_import::{ImportReport, import_gguf};

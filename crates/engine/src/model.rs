@@ -140,6 +140,15 @@ impl KvCache {
         self.capacity = new_cap;
     }
 
+    /// Views of the cached keys and values of `layer`,
+    /// `[batch, kv_heads, capacity, head_dim]` (the first [`Self::len`] positions are filled).
+    pub(crate) fn layer(&self, layer: usize) -> (Tensor, Tensor) {
+        (
+            self.keys[layer].shallow_clone(),
+            self.values[layer].shallow_clone(),
+        )
+    }
+
     /// Writes this step's keys/values of `layer` after the cached ones and
     /// returns views of all of them.
     fn update(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
@@ -321,6 +330,11 @@ impl LlamaModel {
             },
             report,
         ))
+    }
+
+    /// RoPE inverse frequencies `[head_dim / 2]` (fp32, scaling applied).
+    pub(crate) fn inv_freq(&self) -> &Tensor {
+        &self.inv_freq
     }
 
     /// Device of the weights.

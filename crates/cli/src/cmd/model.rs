@@ -111,6 +111,10 @@ pub struct GenerateArgs {
     /// with more than one run, the first is a warm-up and is not timed.
     #[arg(long, default_value_t = 1)]
     pub repeat: usize,
+    /// Decode every token through the libtorch graph instead of the fast
+    /// one-sequence CPU step (same results; for comparisons).
+    #[arg(long)]
+    pub graph_decode: bool,
     /// Print JSON with the token ids and timings.
     #[arg(long)]
     pub json: bool,
@@ -261,6 +265,7 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         stop_strings: a.stop.clone(),
         pad_token_id: model.config.pad_token_id.unwrap_or(0),
         seed: a.seed,
+        fast_decode: !a.graph_decode,
     };
     let mut times = Vec::with_capacity(a.repeat);
     let mut last = None;
