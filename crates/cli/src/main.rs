@@ -14,6 +14,13 @@ mod skills;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// mimalloc for the whole process: built with its `override` feature it also
+/// serves libtorch's `posix_memalign`/`free`, whose glibc heap kept ~1.2 GB of
+/// freed activation buffers as fragmentation at the peak of a training step
+/// (see docs/BENCHMARKS.md, Training).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Run LoRA/QLoRA fine-tuning experiments end to end.
 #[derive(Debug, Parser)]
 #[command(name = "lora-trainer", version, about, long_about = None)]
