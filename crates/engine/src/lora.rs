@@ -87,6 +87,34 @@ impl LoraLayer {
         })
     }
 
+    /// `base + scale · B(A(dropout(x)))` with the up-projection and the sum
+    /// in one GEMM (`addmm`, C = base + h·Bᵀ): one pass over the output fewer
+    /// than adding [`Self::forward_t`]'s result. `base` is the frozen
+    /// projection's output for `x`; inputs of another kind than the adapter
+    /// take the separate path.
+    pub fn add_to(&self, base: Tensor, x: &Tensor, train: bool) -> Tensor {
+        if !self.enabled {
+            return base;
+        }
+        if x.kind() != self.a.kind() || base.kind() != self.a.kind() {
+            return match self.forward_t(x, train) {
+                Some(d) => base + d,
+                None => base,
+            };
+        }
+        let mut h = x.shallow_clone();
+        if train && self.dropout > 0.0 {
+            h = h.dropout(self.dropout, true);
+        }
+        let h = h.linear::<&Tensor>(&self.a, None) * self.scale;
+        let shape = base.size();
+        let out = *shape.last().unwrap_or(&0);
+        let r = self.rank();
+        base.reshape([-1, out])
+            .addmm(&h.reshape([-1, r]), &self.b.tr())
+            .reshape(shape)
+    }
+
     /// The weight delta `scale · B A` (`[out, in]`), for merging.
     pub fn delta_weight(&self) -> Tensor {
         self.b.matmul(&self.a) * self.scale
@@ -568,6 +596,32 @@ mod tests {
         assert!(f64::try_from((yt - ye).abs().max()).unwrap() > 0.0);
         l.enabled = false;
         assert!(l.forward_t(&x, false).is_none());
+    }
+
+    #[test]
+    fn add_to_equals_base_plus_the_contribution_and_backpropagates_alike() {
+        let a = Tensor::randn([2, 5], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::randn([3, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let mut l = LoraLayer::new(a, b, 1.5, 0.0);
+        // [batch, seq, in], as the model calls it.
+        let x = Tensor::randn([2, 4, 5], (Kind::Float, Device::Cpu));
+        let base = Tensor::randn([2, 4, 3], (Kind::Float, Device::Cpu));
+        let fused = l.add_to(base.shallow_clone(), &x, true);
+        let plain = &base + l.forward_t(&x, true).unwrap();
+        assert_eq!(fused.size(), [2, 4, 3]);
+        assert!(f64::try_from((&fused - &plain).abs().max()).unwrap() < 1e-6);
+        let grads = |y: &Tensor| {
+            let g =
+                Tensor::run_backward(&[y.square().sum(Kind::Float)], &[&l.a, &l.b], false, false);
+            (g[0].copy(), g[1].copy())
+        };
+        let (ga, gb) = grads(&fused);
+        let (pa, pb) = grads(&plain);
+        assert!(f64::try_from((ga - pa).abs().max()).unwrap() < 1e-5);
+        assert!(f64::try_from((gb - pb).abs().max()).unwrap() < 1e-5);
+        l.enabled = false;
+        let off = l.add_to(base.shallow_clone(), &x, false);
+        assert!(f64::try_from((off - &base).abs().max()).unwrap() == 0.0);
     }
 
     #[test]

@@ -44,8 +44,8 @@ impl Linear {
     /// Forward; `train` enables the adapter's dropout.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let y = x.linear(&self.weight, self.bias.as_ref());
-        match self.lora.as_ref().and_then(|l| l.forward_t(x, train)) {
-            Some(delta) => y + delta,
+        match &self.lora {
+            Some(l) => l.add_to(y, x, train),
             None => y,
         }
     }
