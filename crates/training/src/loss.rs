@@ -102,11 +102,14 @@ pub fn chunked_cross_entropy(
                 .sum(Kind::Int64)
                 .int64_value(&[]);
             if backward {
-                // softmax − onehot, scaled by 1/norm, then back through W.
-                let mut p = (logits - lse).exp();
-                let minus = Tensor::full([len, 1], -1.0, (p.kind(), p.device()));
-                let _ = p.scatter_add_(1, &tc, &minus);
-                let g = (p / norm).to_kind(w.kind()).matmul(&w);
+                // softmax − onehot, back through W, scaled by 1/norm. The
+                // softmax is made in place in the logits' buffer and the
+                // scale applied to the [len, H] result, not the [len, V] one.
+                let _ = logits.g_sub_(&lse);
+                let _ = logits.exp_();
+                let minus = Tensor::full([len, 1], -1.0, (logits.kind(), logits.device()));
+                let _ = logits.scatter_add_(1, &tc, &minus);
+                let g = logits.to_kind(w.kind()).matmul(&w) / norm;
                 grads.push(g.to_kind(hd.kind()));
             }
             start += len;
