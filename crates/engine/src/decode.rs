@@ -25,6 +25,12 @@ use crate::model::{KvCache, LlamaModel};
 use crate::nn::Linear;
 use tch::{Device, Kind, Tensor};
 
+#[cfg(test)]
+thread_local! {
+    /// Fast steps taken on this thread (tests check that `generate` uses them).
+    pub(crate) static STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// Per-layer weights needed outside libtorch.
 #[derive(Debug)]
 struct LayerNorms {
@@ -153,18 +159,12 @@ impl<'m> FastDecoder<'m> {
         capacity: usize,
         head_dim: usize,
     ) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; kv_heads * capacity * head_dim];
         if len == 0 {
-            return Ok(out);
+            return Ok(vec![0.0f32; kv_heads * capacity * head_dim]);
         }
         let used = t.narrow(2, 0, len as i64).contiguous();
         let flat = Vec::<f32>::try_from(used.view([-1]))?;
-        for g in 0..kv_heads {
-            let src = &flat[g * len * head_dim..(g + 1) * len * head_dim];
-            out[g * capacity * head_dim..g * capacity * head_dim + len * head_dim]
-                .copy_from_slice(src);
-        }
-        Ok(out)
+        Ok(relayout(&flat, kv_heads, head_dim, len, len, capacity))
     }
 
     /// Positions cached so far.
@@ -179,14 +179,9 @@ impl<'m> FastDecoder<'m> {
 
     fn grow(&mut self) {
         let new_cap = (self.capacity * 2).max(self.len + 1);
-        let (kvh, d, old) = (self.kv_heads, self.head_dim, self.capacity);
+        let (kvh, d, old, len) = (self.kv_heads, self.head_dim, self.capacity, self.len);
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            let mut bigger = vec![0.0f32; kvh * new_cap * d];
-            for g in 0..kvh {
-                bigger[g * new_cap * d..g * new_cap * d + self.len * d]
-                    .copy_from_slice(&buf[g * old * d..g * old * d + self.len * d]);
-            }
-            *buf = bigger;
+            *buf = relayout(buf, kvh, d, len, old, new_cap);
         }
         self.capacity = new_cap;
     }
@@ -213,6 +208,8 @@ impl<'m> FastDecoder<'m> {
             self.layer(l)?;
         }
         self.len += 1;
+        #[cfg(test)]
+        STEPS.with(|c| c.set(c.get() + 1));
         rms_norm(&self.x, &self.final_norm, self.eps, &mut self.h);
         let h = Tensor::from_slice(&self.h).view([1, self.hidden as i64]);
         Ok(model.lm_head.forward(&h))
@@ -338,6 +335,25 @@ impl<'m> FastDecoder<'m> {
         }
         Ok(())
     }
+}
+
+/// Copies the first `len` positions of a `[kv_heads][from_cap][head_dim]`
+/// buffer into a new zeroed `[kv_heads][to_cap][head_dim]` one.
+fn relayout(
+    src: &[f32],
+    kv_heads: usize,
+    head_dim: usize,
+    len: usize,
+    from_cap: usize,
+    to_cap: usize,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; kv_heads * to_cap * head_dim];
+    let n = len * head_dim;
+    for g in 0..kv_heads {
+        let (from, to) = (g * from_cap * head_dim, g * to_cap * head_dim);
+        out[to..to + n].copy_from_slice(&src[from..from + n]);
+    }
+    out
 }
 
 /// `out = w · x / sqrt(mean(x²) + eps)` (the mean accumulated in f64).
@@ -499,7 +515,11 @@ mod tests {
             },
         ] {
             let prompt = vec![vec![4i64, 40, 41, 42]];
+            let before = STEPS.with(std::cell::Cell::get);
             let fast = generate(&m, &prompt, &cfg, None).unwrap();
+            // The prefill gives the first token; the other 19 come from the fast step.
+            assert_eq!(STEPS.with(std::cell::Cell::get) - before, 19);
+            let before = STEPS.with(std::cell::Cell::get);
             let graph = generate(
                 &m,
                 &prompt,
@@ -510,6 +530,11 @@ mod tests {
                 None,
             )
             .unwrap();
+            assert_eq!(
+                STEPS.with(std::cell::Cell::get),
+                before,
+                "fast_decode: false"
+            );
             assert_eq!(fast[0].token_ids.len(), 20);
             assert_eq!(fast[0].token_ids, graph[0].token_ids, "{cfg:?}");
         }

@@ -263,7 +263,15 @@ pub fn generate(
     let input = Tensor::from_slice(&ids).view([b64, l64]).to_device(device);
     let padded = mask.contains(&0);
     let mut attn = Tensor::from_slice(&mask).view([b64, l64]).to_device(device);
-    let mut cache = KvCache::new(model, b64, l64 + cfg.max_new_tokens as i64);
+    // One unpadded fp32 CPU sequence decodes through the fast step after the
+    // prefill, which keeps its own cache: the graph cache then holds only the prompt.
+    let use_fast = cfg.fast_decode && b == 1 && !padded && FastDecoder::supports(model);
+    let graph_tokens = if use_fast {
+        0
+    } else {
+        cfg.max_new_tokens as i64
+    };
+    let mut cache = KvCache::new(model, b64, l64 + graph_tokens);
 
     let mut seen: Vec<Vec<i64>> = prompts.to_vec();
     let mut out: Vec<Vec<i64>> = vec![Vec::new(); b];
@@ -273,8 +281,6 @@ pub fn generate(
         .then(|| Tensor::from_slice(&cfg.eos_token_ids).to_device(device));
 
     let mut step_input = input;
-    // One unpadded fp32 CPU sequence decodes through the fast step after the prefill.
-    let use_fast = cfg.fast_decode && b == 1 && !padded && FastDecoder::supports(model);
     let mut fast: Option<FastDecoder<'_>> = None;
     let mut fed: Vec<i64> = Vec::with_capacity(b);
     for step in 0..cfg.max_new_tokens {

@@ -70,16 +70,7 @@ impl LoraLayer {
             return None;
         }
         let kind = x.kind();
-        let mut h = if kind == self.a.kind() {
-            x.shallow_clone()
-        } else {
-            x.to_kind(self.a.kind())
-        };
-        if train && self.dropout > 0.0 {
-            h = h.dropout(self.dropout, true);
-        }
-        let h = h.linear::<&Tensor>(&self.a, None) * self.scale;
-        let out = h.linear::<&Tensor>(&self.b, None);
+        let out = self.down(x, train).linear::<&Tensor>(&self.b, None);
         Some(if out.kind() == kind {
             out
         } else {
@@ -102,17 +93,26 @@ impl LoraLayer {
                 None => base,
             };
         }
-        let mut h = x.shallow_clone();
+        let h = self.down(x, train);
+        let shape = base.size();
+        let out = *shape.last().unwrap_or(&0);
+        base.reshape([-1, out])
+            .addmm(&h.reshape([-1, self.rank()]), &self.b.tr())
+            .reshape(shape)
+    }
+
+    /// The scaled rank-`r` intermediate `scale · A(dropout(x))`, in the
+    /// adapter's kind (dropout only when `train`).
+    fn down(&self, x: &Tensor, train: bool) -> Tensor {
+        let mut h = if x.kind() == self.a.kind() {
+            x.shallow_clone()
+        } else {
+            x.to_kind(self.a.kind())
+        };
         if train && self.dropout > 0.0 {
             h = h.dropout(self.dropout, true);
         }
-        let h = h.linear::<&Tensor>(&self.a, None) * self.scale;
-        let shape = base.size();
-        let out = *shape.last().unwrap_or(&0);
-        let r = self.rank();
-        base.reshape([-1, out])
-            .addmm(&h.reshape([-1, r]), &self.b.tr())
-            .reshape(shape)
+        h.linear::<&Tensor>(&self.a, None) * self.scale
     }
 
     /// The weight delta `scale · B A` (`[out, in]`), for merging.
