@@ -68,13 +68,29 @@ pub fn chunked_cross_entropy(
     let h_dim = hidden.size()[hidden.dim() - 1];
     let vocab = weight.size()[0];
     let flat_t = targets.reshape([-1]);
-    let idx = flat_t.ne(IGNORE_INDEX).nonzero().squeeze_dim(1);
-    let n = idx.size()[0];
+    let valid = flat_t.ne(IGNORE_INDEX);
+    let n = valid.sum(Kind::Int64).int64_value(&[]);
     if n == 0 {
         return LossStats::default();
     }
-    let h = hidden.reshape([-1, h_dim]).index_select(0, &idx);
-    let t = flat_t.index_select(0, &idx);
+    let flat_h = hidden.reshape([-1, h_dim]);
+    let rows_total = flat_h.size()[0];
+    // Mostly targets (plain language modelling, long completions): project
+    // every row and zero the gradient of the few without a target, instead of
+    // gathering the rows (a copy forward, a scatter backward). Otherwise
+    // project only the rows with a target.
+    let dense = 10 * n >= 9 * rows_total;
+    let (h, t, keep) = if dense {
+        (flat_h, flat_t.shallow_clone(), Some(valid))
+    } else {
+        let idx = valid.nonzero().squeeze_dim(1);
+        (
+            flat_h.index_select(0, &idx),
+            flat_t.index_select(0, &idx),
+            None,
+        )
+    };
+    let n_rows = h.size()[0];
     let rows = (chunk_elements / vocab.max(1)).max(1);
     let mut stats = LossStats {
         n_targets: n,
@@ -85,29 +101,55 @@ pub fn chunked_cross_entropy(
         let hd = h.detach();
         let w = weight.detach();
         let mut start = 0;
-        while start < n {
-            let len = rows.min(n - start);
+        while start < n_rows {
+            let len = rows.min(n_rows - start);
             let hc = hd.narrow(0, start, len);
-            let tc = t.narrow(0, start, len).unsqueeze(1);
+            // Ignored rows take class 0 for the arithmetic; their loss,
+            // accuracy and gradient are masked out below.
+            let tc = t.narrow(0, start, len).clamp_min(0).unsqueeze(1);
             let mut logits = hc.matmul(&w.tr());
             if logits.kind() != Kind::Float && logits.kind() != Kind::Double {
                 logits = logits.to_kind(Kind::Float);
             }
-            let lse = logits.logsumexp([1], true);
+            // One max, one in-place exp(logits − max), one sum: the log-sum-
+            // exp, the loss and (when backward) the softmax share the passes
+            // over the [len, V] chunk. A target is "correct" when its logit
+            // equals the row's maximum (argmax up to ties, without a slow
+            // arg-reduction).
+            let max = logits.amax([1], true);
             let picked = logits.gather(1, &tc, false);
-            stats.loss_sum += (&lse - &picked).sum(Kind::Double).double_value(&[]);
-            stats.n_correct += logits
-                .argmax(1, true)
-                .eq_tensor(&tc)
-                .sum(Kind::Int64)
-                .int64_value(&[]);
+            let _ = logits.g_sub_(&max);
+            let _ = logits.exp_();
+            let sum = logits.sum_dim_intlist(&[1i64][..], true, logits.kind());
+            let lse = &max + sum.log();
+            let row_loss = &lse - &picked;
+            let correct = picked.ge_tensor(&max);
+            let chunk_keep = keep.as_ref().map(|k| k.narrow(0, start, len).unsqueeze(1));
+            match &chunk_keep {
+                Some(k) => {
+                    stats.loss_sum += row_loss
+                        .masked_select(k)
+                        .sum(Kind::Double)
+                        .double_value(&[]);
+                    stats.n_correct += correct.logical_and(k).sum(Kind::Int64).int64_value(&[]);
+                }
+                None => {
+                    stats.loss_sum += row_loss.sum(Kind::Double).double_value(&[]);
+                    stats.n_correct += correct.sum(Kind::Int64).int64_value(&[]);
+                }
+            }
             if backward {
-                // softmax − onehot, back through W, scaled by 1/norm. The
-                // softmax is made in place in the logits' buffer and the
-                // scale applied to the [len, H] result, not the [len, V] one.
-                let _ = logits.g_sub_(&lse);
-                let _ = logits.exp_();
-                let minus = Tensor::full([len, 1], -1.0, (logits.kind(), logits.device()));
+                // softmax − onehot, back through W, scaled by 1/norm (rows
+                // without a target: 0). The softmax stays in the logits'
+                // buffer and the scale is applied to the [len, H] result.
+                let (scale, minus) = match &chunk_keep {
+                    Some(k) => {
+                        let k = k.to_kind(sum.kind());
+                        (sum.reciprocal() * &k, k.neg())
+                    }
+                    None => (sum.reciprocal(), sum.ones_like().neg()),
+                };
+                let _ = logits.g_mul_(&scale);
                 let _ = logits.scatter_add_(1, &tc, &minus);
                 let g = logits.to_kind(w.kind()).matmul(&w) / norm;
                 grads.push(g.to_kind(hd.kind()));
@@ -128,34 +170,59 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    #[test]
-    fn equals_autograd_cross_entropy_in_value_and_gradient() {
+    /// Loss, gradient and accuracy against autograd's full-logits
+    /// cross-entropy and an arg-max count, for `targets` over a `[2, 10]` batch.
+    fn check_against_autograd(targets: &[i64], chunk_elements: i64) {
         tch::manual_seed(0);
         let opts = (Kind::Double, Device::Cpu);
-        let x = Tensor::randn([2, 5, 8], opts).set_requires_grad(true);
+        let x = Tensor::randn([2, 10, 8], opts).set_requires_grad(true);
         let proj = Tensor::randn([8, 8], opts).set_requires_grad(true);
         let w = Tensor::randn([11, 8], opts);
-        let targets =
-            Tensor::from_slice(&[3i64, -100, 4, 10, 0, -100, -100, 7, 1, 2]).reshape([2, 5]);
+        let targets = Tensor::from_slice(targets).reshape([2, 10]);
+        let flat_t = targets.reshape([-1]);
         // Reference: full logits and autograd, mean over targets.
         let hidden = x.matmul(&proj);
         let logits = hidden.matmul(&w.tr()).reshape([-1, 11]);
-        let reference = logits.cross_entropy_loss::<Tensor>(
-            &targets.reshape([-1]),
-            None,
-            tch::Reduction::Mean,
-            -100,
-            0.0,
-        );
+        let reference =
+            logits.cross_entropy_loss::<Tensor>(&flat_t, None, tch::Reduction::Mean, -100, 0.0);
         let ref_grad = Tensor::run_backward(&[&reference], &[&proj], false, false).remove(0);
+        let valid = flat_t.ne(IGNORE_INDEX);
+        let n = valid.sum(Kind::Int64).int64_value(&[]);
+        let ref_correct = logits
+            .argmax(1, false)
+            .eq_tensor(&flat_t)
+            .logical_and(&valid)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
 
         let hidden = x.matmul(&proj);
-        // Tiny chunks: 2 rows of 11 at a time.
-        let stats = chunked_cross_entropy(&hidden, &w, &targets, 7.0, true, 22);
-        assert_eq!(stats.n_targets, 7);
+        let stats = chunked_cross_entropy(&hidden, &w, &targets, n as f64, true, chunk_elements);
+        assert_eq!(stats.n_targets, n);
+        assert_eq!(stats.n_correct, ref_correct);
         assert!((stats.mean() - reference.double_value(&[])).abs() < 1e-12);
         let diff = (proj.grad() - ref_grad).abs().max().double_value(&[]);
         assert!(diff < 1e-12, "gradient differs by {diff}");
+    }
+
+    #[test]
+    fn equals_autograd_when_few_rows_have_targets() {
+        // 13 of 20 rows: only the rows with a target are projected. Tiny
+        // chunks: 2 rows of 11 at a time.
+        let t = [
+            3, -100, 4, 10, 0, -100, -100, 7, 1, 2, 5, 5, -100, -100, 9, 8, -100, 6, 1, 0,
+        ];
+        check_against_autograd(&t, 22);
+    }
+
+    #[test]
+    fn equals_autograd_when_most_rows_have_targets() {
+        // 18 of 20 rows: every row is projected and the two without a target
+        // are masked; chunks of 3 rows and one chunk holding everything.
+        let t = [
+            3, 1, 4, 10, 0, 9, 2, 7, 1, -100, 5, 5, 6, 3, 9, 8, 4, 6, 1, -100,
+        ];
+        check_against_autograd(&t, 33);
+        check_against_autograd(&t, 1 << 20);
     }
 
     #[test]
