@@ -15,6 +15,7 @@
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_import;

@@ -637,7 +637,7 @@ impl LlamaModel {
     }
 
     /// `cos` and sign-folded `sin` tables `[B, 1, T, head_dim]` for positions `[B, T]`.
-    fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
+    pub(crate) fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * self.inv_freq.view([1, 1, -1]);
         let cos = freqs.cos();
         let sin = freqs.sin();

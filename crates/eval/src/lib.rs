@@ -129,7 +129,7 @@ pub fn evaluate(
     let bs = req.batch_size.unwrap_or(8) as usize;
     let eb = batches(&samples, bs, pipeline.pad_id, device);
     let score = |m: &LlamaModel| -> Result<LossStats, TrainError> {
-        evaluate_batches(&EngineModel { model: m }, &eb, DEFAULT_CHUNK_ELEMENTS)
+        evaluate_batches(&EngineModel::new(m), &eb, DEFAULT_CHUNK_ELEMENTS)
     };
     let mut bar = ctx.progress("eval", Some(2), "passes");
     let stats = score(&model)?;
@@ -157,7 +157,7 @@ pub fn evaluate(
             ctx.check_cancelled()?;
             let one = collate(&samples, &[vec![k]], pipeline.pad_id, 8, device);
             let st = evaluate_batches(
-                &EngineModel { model: &model },
+                &EngineModel::new(&model),
                 std::slice::from_ref(&one),
                 DEFAULT_CHUNK_ELEMENTS,
             )?;

@@ -43,6 +43,9 @@ pub struct BenchOptions {
     pub device: Device,
     /// Activation checkpointing (as the anchor's `--grad-checkpointing`).
     pub gradient_checkpointing: bool,
+    /// Back-propagate through autograd even where the engine's fused pass
+    /// applies (to compare the two).
+    pub autograd: bool,
 }
 
 /// The benchmark's result (the anchor's field names).
@@ -92,7 +95,11 @@ pub fn bench_train(o: &BenchOptions) -> Result<BenchResult> {
     let trainable: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();
     let mut opt = AdamW::new(params, AdamWConfig::default());
     let vocab = model.config.vocab_size as i64;
-    let plain = EngineModel { model: &model };
+    let plain = if o.autograd {
+        EngineModel::autograd(&model)
+    } else {
+        EngineModel::new(&model)
+    };
     let checkpointed = crate::trainer::CheckpointedModel::new(&model);
     let engine: &dyn crate::step::TrainableModel = if o.gradient_checkpointing {
         &checkpointed

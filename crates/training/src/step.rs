@@ -21,6 +21,19 @@ pub trait TrainableModel {
     fn finish_backward(&self) -> Result<()> {
         Ok(())
     }
+    /// Forward, loss and backward of one micro-batch by a hand-written pass
+    /// (see `lora_engine::fused`), gradients added to the trainable leaves;
+    /// `None` when the model has no such pass for this batch (the autograd
+    /// path then runs). Default: `None`.
+    fn fused_step(
+        &self,
+        _batch: &Batch,
+        _weight: &Tensor,
+        _norm: f64,
+        _chunk_elements: i64,
+    ) -> Result<Option<LossStats>> {
+        Ok(None)
+    }
 }
 
 /// Runs forward and backward over `micro_batches`, accumulating gradients
@@ -41,6 +54,10 @@ pub fn accumulate_gradients(
     let mut stats = LossStats::default();
     for mb in micro_batches {
         if mb.n_targets == 0 {
+            continue;
+        }
+        if let Some(s) = model.fused_step(mb, &weight, norm, chunk_elements)? {
+            stats.add(s);
             continue;
         }
         let hidden = model.hidden_states(mb, true)?;

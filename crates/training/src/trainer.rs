@@ -27,7 +27,7 @@ use crate::batch::{
 use crate::checkpoint::{self, DataPosition, EvalPoint, TrainerState};
 use crate::data::{DataOptions, TextPipeline, prepare};
 use crate::error::{Result, TrainError};
-use crate::loss::{DEFAULT_CHUNK_ELEMENTS, LossStats};
+use crate::loss::{DEFAULT_CHUNK_ELEMENTS, LossStats, chunked_cross_entropy_grad};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use crate::step::{TrainableModel, accumulate_gradients, evaluate_batches};
@@ -227,6 +227,24 @@ pub fn peak_rss_mb() -> Option<f64> {
 pub struct EngineModel<'a> {
     /// The model.
     pub model: &'a LlamaModel,
+    /// Train with the engine's hand-written backward where it applies (CPU,
+    /// fp32, no adapter dropout, unpacked causal batches); else autograd.
+    pub fused: bool,
+}
+
+impl<'a> EngineModel<'a> {
+    /// `model`, trained by the fused pass where it applies.
+    pub fn new(model: &'a LlamaModel) -> Self {
+        Self { model, fused: true }
+    }
+
+    /// `model`, always trained through autograd.
+    pub fn autograd(model: &'a LlamaModel) -> Self {
+        Self {
+            model,
+            fused: false,
+        }
+    }
 }
 
 impl TrainableModel for EngineModel<'_> {
@@ -253,6 +271,38 @@ impl TrainableModel for EngineModel<'_> {
     }
     fn output_weight(&self) -> Tensor {
         self.model.lm_head.weight.shallow_clone()
+    }
+    fn fused_step(
+        &self,
+        batch: &Batch,
+        weight: &Tensor,
+        norm: f64,
+        chunk_elements: i64,
+    ) -> Result<Option<LossStats>> {
+        let (_, t) = batch.shape();
+        if !self.fused
+            || batch.attention_mask.is_some()
+            || !self.model.fused_training_supported(t, true)
+        {
+            return Ok(None);
+        }
+        let device = self.model.device();
+        let (hidden, tape) = self.model.fused_forward(
+            &batch.input_ids.to_device(device),
+            &batch.position_ids.to_device(device),
+        )?;
+        let (stats, grad) = chunked_cross_entropy_grad(
+            &hidden,
+            weight,
+            &batch.targets.to_device(device),
+            norm,
+            chunk_elements,
+        );
+        drop(hidden);
+        if let Some(g) = grad {
+            self.model.fused_backward(tape, &g)?;
+        }
+        Ok(Some(stats))
     }
 }
 
@@ -291,7 +341,7 @@ impl<'a> CheckpointedModel<'a> {
 impl TrainableModel for CheckpointedModel<'_> {
     fn hidden_states(&self, batch: &Batch, train: bool) -> Result<Tensor> {
         if !train {
-            return EngineModel { model: self.model }.hidden_states(batch, false);
+            return EngineModel::new(self.model).hidden_states(batch, false);
         }
         let m = self.model;
         // bf16 autocast on CUDA, as the ordinary forward (and the replay below).
@@ -689,7 +739,7 @@ pub fn train(opts: &TrainOptions, monitor: &mut dyn Monitor) -> Result<TrainResu
             opts.device,
         )
     });
-    let plain = EngineModel { model: &model };
+    let plain = EngineModel::new(&model);
     let checkpointed = CheckpointedModel::new(&model);
     let engine: &dyn TrainableModel = if t.gradient_checkpointing {
         &checkpointed

@@ -218,7 +218,7 @@ fn a_packed_row_has_the_loss_and_gradients_of_its_samples_apart() {
             trainable: (0..n).map(|i| i >= prompt).collect(),
         })
         .collect();
-    let engine = EngineModel { model: &m };
+    let engine = EngineModel::new(&m);
     let run = |rows: &[Vec<usize>]| -> (f64, i64, Vec<Tensor>) {
         for (_, t) in lora::adapter_tensors(&m) {
             let mut g = t.grad();
@@ -324,13 +324,16 @@ fn checkpointed_gradients_equal_the_ordinary_ones() {
             }
         })
         .collect();
-    let grads = |model: &dyn TrainableModel, rows: &[Vec<usize>]| -> (f64, Vec<Tensor>) {
-        for (_, t) in lora::adapter_tensors(&m) {
+    let zero = |m: &LlamaModel| {
+        for (_, t) in lora::adapter_tensors(m) {
             let mut g = t.grad();
             if g.defined() {
                 let _ = g.zero_();
             }
         }
+    };
+    let grads = |model: &dyn TrainableModel, rows: &[Vec<usize>]| -> (f64, Vec<Tensor>) {
+        zero(&m);
         let b = collate(&samples, rows, 0, 8, Device::Cpu);
         let st =
             accumulate_gradients(model, std::slice::from_ref(&b), DEFAULT_CHUNK_ELEMENTS).unwrap();
@@ -340,28 +343,42 @@ fn checkpointed_gradients_equal_the_ordinary_ones() {
             .collect();
         (st.loss_sum, g)
     };
-    let plain = EngineModel { model: &m };
+    // The fused pass (the default) against autograd with and without
+    // checkpointing.
+    let fused = EngineModel::new(&m);
+    let plain = EngineModel::autograd(&m);
     let ckpt = CheckpointedModel::new(&m);
     for rows in [
         vec![vec![0], vec![1], vec![2], vec![3]],
         vec![vec![0, 1], vec![2, 3]],
     ] {
+        // One sample per row takes the fused pass; packed rows (two per
+        // row) fall back to autograd.
+        let b = collate(&samples, &rows, 0, 8, Device::Cpu);
+        let took = fused
+            .fused_step(&b, &m.lm_head.weight, 1.0, DEFAULT_CHUNK_ELEMENTS)
+            .unwrap()
+            .is_some();
+        assert_eq!(took, b.attention_mask.is_none());
+        zero(&m);
         let (l1, g1) = grads(&plain, &rows);
-        let (l2, g2) = grads(&ckpt, &rows);
-        assert!((l1 - l2).abs() < 1e-6 * l1.abs(), "{l1} vs {l2}");
-        let scale = g1
-            .iter()
-            .map(|g| g.abs().max().double_value(&[]))
-            .fold(0.0, f64::max);
-        let worst = g1
-            .iter()
-            .zip(&g2)
-            .map(|(a, b)| (a - b).abs().max().double_value(&[]))
-            .fold(0.0f64, f64::max);
-        assert!(
-            scale > 0.0 && worst <= 1e-6 * scale,
-            "{rows:?}: max |Δgrad| {worst} of {scale}"
-        );
+        for other in [&ckpt as &dyn TrainableModel, &fused] {
+            let (l2, g2) = grads(other, &rows);
+            assert!((l1 - l2).abs() < 1e-6 * l1.abs(), "{l1} vs {l2}");
+            let scale = g1
+                .iter()
+                .map(|g| g.abs().max().double_value(&[]))
+                .fold(0.0, f64::max);
+            let worst = g1
+                .iter()
+                .zip(&g2)
+                .map(|(a, b)| (a - b).abs().max().double_value(&[]))
+                .fold(0.0f64, f64::max);
+            assert!(
+                scale > 0.0 && worst <= 1e-6 * scale,
+                "{rows:?}: max |Δgrad| {worst} of {scale}"
+            );
+        }
     }
 
     // Through the trainer, with dropout: same seed, same losses; it learns.

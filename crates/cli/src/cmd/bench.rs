@@ -63,6 +63,9 @@ pub struct TrainArgs {
     /// Recompute activations in backward (activation checkpointing).
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// Back-propagate through autograd instead of the engine's fused pass.
+    #[arg(long)]
+    pub autograd: bool,
     /// Print one JSON line (as the anchor does).
     #[arg(long)]
     pub json: bool,
@@ -84,6 +87,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 threads: a.threads,
                 device: parse_device(a.device.as_deref())?,
                 gradient_checkpointing: a.grad_checkpointing,
+                autograd: a.autograd,
             };
             let r = tokio::task::spawn_blocking(move || bench_train(&o)).await??;
             if a.json {

@@ -1,0 +1,629 @@
+//! A LoRA training pass with a hand-written backward: forward and backward of
+//! the decoder layers in libtorch kernels, without autograd.
+//!
+//! Autograd builds the same gradients from ~40 recorded operations per layer,
+//! each multi-consumer activation summing its gradients in separate passes.
+//! Here every input gradient is accumulated in the GEMM that produces it
+//! (`addmm_`, β = 1): the frozen projection's input gradient, the adapter's
+//! and the gradients of the sibling projections that read the same input
+//! (q/k/v, gate/up) land in one buffer; RMSNorm's backward is five passes;
+//! RoPE's backward writes the query/key gradients straight into the
+//! row-major layout the projections read; the adapters' gradients are GEMMs
+//! into the leaves' `.grad` buffers. Base weights never get a gradient and
+//! the first layer's input gradient is not computed.
+//!
+//! Invariant: the same mathematics as [`LlamaModel::forward_hidden_t`] with
+//! autograd (`y = base(x) + scale·B(A(x))`, PEFT's semantics); the tests
+//! compare adapter gradients with autograd's on the llama, mistral and qwen2
+//! fixtures. [`LlamaModel::fused_training_supported`] says when it applies:
+//! CPU, fp32, no adapter dropout, plain causal attention within
+//! any sliding window. Anything else takes the autograd path.
+
+use crate::error::{EngineError, Result};
+use crate::lora::LoraLayer;
+use crate::model::LlamaModel;
+use crate::nn::{Linear, RmsNorm};
+use tch::{Device, Kind, Tensor};
+
+/// What the forward keeps for the backward of projections that read the
+/// same input (q/k/v, gate/up, or one alone): the adapters' down-projections
+/// of all of them in one `[N, Σr]` tensor, made by one GEMM with the scaled
+/// `A`s stacked (`[Σr, in]`).
+struct SavedGroup {
+    /// `scale · x Aᵀ` of each member with an adapter, side by side.
+    downs: Option<Tensor>,
+    /// `scale · A` of each member with an adapter, stacked.
+    scaled_a: Option<Tensor>,
+    /// Column offset and rank of each member's adapter in `downs`.
+    slots: Vec<Option<(i64, i64)>>,
+}
+
+/// Saved activations of one decoder layer (rows are the `N = B·T` tokens).
+struct SavedLayer {
+    xn1: Tensor,
+    r1: Tensor,
+    h1: Tensor,
+    lqkv: SavedGroup,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn: Tensor,
+    lo: SavedGroup,
+    xn2: Tensor,
+    r2: Tensor,
+    h2: Tensor,
+    lgu: SavedGroup,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+    ld: SavedGroup,
+}
+
+/// The forward's record for [`LlamaModel::fused_backward`].
+pub struct FusedTape {
+    b: i64,
+    t: i64,
+    cos: Tensor,
+    sin: Tensor,
+    layers: Vec<SavedLayer>,
+    xn_final: Tensor,
+    r_final: Tensor,
+}
+
+impl std::fmt::Debug for FusedTape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FusedTape")
+            .field("batch", &self.b)
+            .field("seq", &self.t)
+            .field("layers", &self.layers.len())
+            .finish()
+    }
+}
+
+/// `(x · r, r)` with `r = 1 / sqrt(mean(x²) + eps)` over the last dimension.
+fn rms_forward(x: &Tensor, eps: f64) -> (Tensor, Tensor) {
+    let r = (x.square().mean_dim(&[-1i64][..], true, x.kind()) + eps).rsqrt();
+    (x * &r, r)
+}
+
+/// Gradient of `w ⊙ xn` (`xn = x·r`) with respect to `x`, added to `acc`:
+/// `acc + r · (t − xn · mean(t ⊙ xn))` with `t = dh ⊙ w`.
+fn rms_backward_into(acc: &Tensor, dh: &Tensor, norm: &RmsNorm, xn: &Tensor, r: &Tensor) -> Tensor {
+    let mut t = dh * &norm.weight;
+    let c = (&t * xn).mean_dim(&[-1i64][..], true, t.kind());
+    let _ = t.addcmul_(xn, &c.neg());
+    acc.addcmul(&t, r)
+}
+
+/// `x Wᵀ (+ b) + scale · B(A(x))` of each projection in `lins` (all reading
+/// rows `x` `[N, in]`). The adapters' down-projections are one GEMM; each
+/// up-projection is added to its output by `addmm_`.
+fn group_forward(lins: &[&Linear], x: &Tensor) -> (Vec<Tensor>, SavedGroup) {
+    let mut outs: Vec<Tensor> = lins
+        .iter()
+        .map(|lin| match &lin.bias {
+            Some(b) => b.addmm(x, &lin.weight.tr()),
+            None => x.mm(&lin.weight.tr()),
+        })
+        .collect();
+    let mut slots = Vec::with_capacity(lins.len());
+    let mut scaled = Vec::new();
+    let mut off = 0;
+    for lin in lins {
+        match active(lin) {
+            Some(l) => {
+                let r = l.rank();
+                slots.push(Some((off, r)));
+                off += r;
+                scaled.push(&l.a * l.scale);
+            }
+            None => slots.push(None),
+        }
+    }
+    if scaled.is_empty() {
+        return (
+            outs,
+            SavedGroup {
+                downs: None,
+                scaled_a: None,
+                slots,
+            },
+        );
+    }
+    let scaled_a = Tensor::cat(&scaled, 0);
+    let downs = x.mm(&scaled_a.tr());
+    for ((lin, out), slot) in lins.iter().zip(&mut outs).zip(&slots) {
+        if let (Some(l), Some((o, r))) = (active(lin), slot) {
+            let _ = out.addmm_(&downs.narrow(1, *o, *r), &l.b.tr());
+        }
+    }
+    (
+        outs,
+        SavedGroup {
+            downs: Some(downs),
+            scaled_a: Some(scaled_a),
+            slots,
+        },
+    )
+}
+
+/// The one output of a one-member group.
+fn single(mut outs: Vec<Tensor>) -> Tensor {
+    outs.pop().expect("one projection")
+}
+
+/// The enabled adapter of a projection.
+fn active(lin: &Linear) -> Option<&LoraLayer> {
+    lin.lora.as_ref().filter(|l| l.enabled)
+}
+
+/// Adds `g` to a leaf's gradient: in its buffer when it has one, else kept
+/// for [`Grads::finish`].
+struct Grads {
+    pending: Vec<(Tensor, Tensor)>,
+}
+
+impl Grads {
+    /// `∂/∂leaf += g`.
+    fn add(&mut self, leaf: &Tensor, g: Tensor) {
+        let mut buf = leaf.grad();
+        if buf.defined() {
+            let _ = buf.g_add_(&g);
+        } else {
+            self.pending.push((leaf.shallow_clone(), g));
+        }
+    }
+
+    /// Hands gradients of leaves that had no buffer yet to autograd (once per
+    /// leaf's lifetime: later steps accumulate in place).
+    fn finish(self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut total: Option<Tensor> = None;
+        for (leaf, g) in &self.pending {
+            let s = (leaf * g).sum(leaf.kind());
+            total = Some(match total {
+                Some(t) => t + s,
+                None => s,
+            });
+        }
+        if let Some(t) = total {
+            t.backward();
+        }
+    }
+}
+
+/// Backward through a group made by [`group_forward`] for the output
+/// gradients `dys` (one per member): the adapters' gradients into their
+/// leaves and, when `need_input`, the input gradient
+/// `Σ dyᵢ Wᵢ + Σ scaleᵢ · (dyᵢ Bᵢ) Aᵢ`, every term accumulated by a GEMM with
+/// β = 1 (the adapters' share in one GEMM).
+fn group_backward(
+    lins: &[&Linear],
+    saved: &SavedGroup,
+    x: &Tensor,
+    dys: &[&Tensor],
+    need_input: bool,
+    grads: &mut Grads,
+) -> Option<Tensor> {
+    let mut dx: Option<Tensor> = None;
+    if need_input {
+        for (lin, dy) in lins.iter().zip(dys) {
+            dx = Some(match dx {
+                Some(mut acc) => {
+                    let _ = acc.addmm_(dy, &lin.weight);
+                    acc
+                }
+                None => dy.mm(&lin.weight),
+            });
+        }
+    }
+    if let (Some(downs), Some(scaled_a)) = (&saved.downs, &saved.scaled_a) {
+        // d(downs): dyᵢ Bᵢ side by side, written in place by each GEMM.
+        let d_downs = downs.empty_like();
+        for ((lin, dy), slot) in lins.iter().zip(dys).zip(&saved.slots) {
+            if let (Some(l), Some((o, r))) = (active(lin), slot) {
+                // out += downᵢ Bᵢᵀ: ∂Bᵢ = dyᵢᵀ downᵢ, made as its transpose
+                // (a [r, out] result: several times faster in MKL than the
+                // thin [out, r] one).
+                let d_bt = downs.narrow(1, *o, *r).tr().mm(dy);
+                grads.add(&l.b, d_bt.tr());
+                let _ = dy.mm_out(&d_downs.narrow(1, *o, *r), &l.b);
+            }
+        }
+        // downs = x (scale·A)ᵀ: ∂Aᵢ = scaleᵢ · d(downᵢ)ᵀ x.
+        let d_a = d_downs.tr().mm(x);
+        for (lin, slot) in lins.iter().zip(&saved.slots) {
+            if let (Some(l), Some((o, r))) = (active(lin), slot) {
+                grads.add(&l.a, d_a.narrow(0, *o, *r) * l.scale);
+            }
+        }
+        if let Some(acc) = dx.as_mut() {
+            let _ = acc.addmm_(&d_downs, scaled_a);
+        }
+    }
+    dx
+}
+
+/// Rotary embedding of `x` `[B, T, heads, d]` (a view of the projection's
+/// rows) into a new `[B, heads, T, d]` tensor: `x·cos + rotate(x)·sin`, the
+/// sign of `rotate_half` folded into `sin` (`[B, 1, T, d]`).
+fn rope_forward(x: &Tensor, cos: &Tensor, sin: &Tensor, d: i64) -> Tensor {
+    let x = x.transpose(1, 2);
+    let half = d / 2;
+    let out = &x * cos;
+    let (lo, hi) = (x.narrow(-1, 0, half), x.narrow(-1, half, half));
+    let _ = out
+        .narrow(-1, 0, half)
+        .addcmul_(&hi, &sin.narrow(-1, 0, half));
+    let _ = out
+        .narrow(-1, half, half)
+        .addcmul_(&lo, &sin.narrow(-1, half, half));
+    out
+}
+
+/// Backward of [`rope_forward`]: the gradient `g` `[B, heads, T, d]` mapped
+/// back through the rotation into `rows` (`[N, heads·d]`, row-major, written
+/// whole).
+fn rope_backward_into(
+    rows: &Tensor,
+    g: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    b: i64,
+    t: i64,
+    d: i64,
+) {
+    let heads = g.size()[1];
+    let view = rows.view([b, t, heads, d]).transpose(1, 2);
+    let half = d / 2;
+    let _ = g.mul_out(&view, cos);
+    // out_lo = x_lo·cos_lo + x_hi·sin_lo, out_hi = x_hi·cos_hi + x_lo·sin_hi.
+    let _ = view
+        .narrow(-1, half, half)
+        .addcmul_(&g.narrow(-1, 0, half), &sin.narrow(-1, 0, half));
+    let _ = view
+        .narrow(-1, 0, half)
+        .addcmul_(&g.narrow(-1, half, half), &sin.narrow(-1, half, half));
+}
+
+impl LlamaModel {
+    /// Whether [`Self::fused_forward`] can train this model on a batch of
+    /// `t` positions: CPU, fp32 weights and adapters, no
+    /// adapter dropout when `train`, and causal attention that no sliding
+    /// window narrows.
+    pub fn fused_training_supported(&self, t: i64, train: bool) -> bool {
+        if self.device() != Device::Cpu || self.kind() != Kind::Float {
+            return false;
+        }
+        if self.config.sliding_window.is_some_and(|w| t > w as i64) {
+            return false;
+        }
+        self.linears().iter().all(|(_, lin)| match &lin.lora {
+            Some(l) => l.a.kind() == self.kind() && !(train && l.enabled && l.dropout > 0.0),
+            None => true,
+        })
+    }
+
+    /// The final hidden states `[B, T, H]` (after the last norm) of a causal
+    /// pass over `input_ids` at `position_ids`, detached, and the tape for
+    /// [`Self::fused_backward`]. Errors when [`Self::fused_training_supported`]
+    /// is false.
+    pub fn fused_forward(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+    ) -> Result<(Tensor, FusedTape)> {
+        let size = input_ids.size();
+        let (b, t) = match size[..] {
+            [b, t] if t > 0 => (b, t),
+            _ => {
+                return Err(EngineError::invalid(
+                    "input_ids",
+                    format!("expected a non-empty [batch, seq] tensor, got {size:?}"),
+                ));
+            }
+        };
+        if !self.fused_training_supported(t, true) {
+            return Err(EngineError::invalid(
+                "model",
+                "the fused training pass needs a CPU model of one floating kind, no adapter \
+                 dropout and plain causal attention; use the autograd forward",
+            ));
+        }
+        tch::no_grad(|| {
+            let c = &self.config;
+            let (nh, nkv, d) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
+            let h = c.hidden_size as i64;
+            let n = b * t;
+            let positions = position_ids.to_kind(Kind::Int64).expand([b, t], false);
+            let (cos, sin) = self.rope_tables(&positions);
+            let mut x = self.embed(input_ids).reshape([n, h]);
+            let mut layers = Vec::with_capacity(self.layers.len());
+            for layer in &self.layers {
+                let at = &layer.self_attn;
+                let (xn1, r1) = rms_forward(&x, layer.input_layernorm.eps);
+                let h1 = &xn1 * &layer.input_layernorm.weight;
+                let (qkv, lqkv) = group_forward(&[&at.q_proj, &at.k_proj, &at.v_proj], &h1);
+                let [q, k, v]: [Tensor; 3] = qkv.try_into().expect("three projections");
+                let q = rope_forward(&q.view([b, t, nh, d]), &cos, &sin, d);
+                let k = rope_forward(&k.view([b, t, nkv, d]), &cos, &sin, d);
+                let v = v.view([b, t, nkv, d]).transpose(1, 2);
+                let (out, lse) = Tensor::internal_scaled_dot_product_flash_attention_for_cpu::<
+                    Tensor,
+                >(&q, &k, &v, 0.0, true, None, None);
+                let attn = out.transpose(1, 2).reshape([n, nh * d]);
+                let (o, lo) = group_forward(&[&at.o_proj], &attn);
+                let mut o = single(o);
+                let _ = o.g_add_(&x);
+                let x2 = o;
+                let (xn2, r2) = rms_forward(&x2, layer.post_attention_layernorm.eps);
+                let h2 = &xn2 * &layer.post_attention_layernorm.weight;
+                let m = &layer.mlp;
+                let (gu, lgu) = group_forward(&[&m.gate_proj, &m.up_proj], &h2);
+                let [gate, up]: [Tensor; 2] = gu.try_into().expect("two projections");
+                let act = gate.silu() * &up;
+                let (y, ld) = group_forward(&[&m.down_proj], &act);
+                let mut y = single(y);
+                let _ = y.g_add_(&x2);
+                x = y;
+                layers.push(SavedLayer {
+                    xn1,
+                    r1,
+                    h1,
+                    lqkv,
+                    q,
+                    k,
+                    v,
+                    out,
+                    lse,
+                    attn,
+                    lo,
+                    xn2,
+                    r2,
+                    h2,
+                    lgu,
+                    gate,
+                    up,
+                    act,
+                    ld,
+                });
+            }
+            let (xn_final, r_final) = rms_forward(&x, self.norm.eps);
+            let hidden = (&xn_final * &self.norm.weight).view([b, t, h]);
+            Ok((
+                hidden,
+                FusedTape {
+                    b,
+                    t,
+                    cos,
+                    sin,
+                    layers,
+                    xn_final,
+                    r_final,
+                },
+            ))
+        })
+    }
+
+    /// Back-propagates `d_hidden` (`[B, T, H]`, the loss's gradient with
+    /// respect to [`Self::fused_forward`]'s output) through the decoder,
+    /// adding every adapter's gradient to its leaves' `.grad`.
+    pub fn fused_backward(&self, tape: FusedTape, d_hidden: &Tensor) -> Result<()> {
+        let FusedTape {
+            b,
+            t,
+            cos,
+            sin,
+            layers,
+            xn_final,
+            r_final,
+        } = tape;
+        let c = &self.config;
+        let (nh, nkv, d) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
+        let h = c.hidden_size as i64;
+        let n = b * t;
+        let grads = tch::no_grad(|| {
+            let mut grads = Grads {
+                pending: Vec::new(),
+            };
+            let dh = d_hidden.reshape([n, h]);
+            let zeros = dh.zeros_like();
+            let mut dy = rms_backward_into(&zeros, &dh, &self.norm, &xn_final, &r_final);
+            drop(zeros);
+            for (l, (layer, s)) in self.layers.iter().zip(layers).enumerate().rev() {
+                let m = &layer.mlp;
+                // down_proj: d(act).
+                let d_act =
+                    group_backward(&[&m.down_proj], &s.ld, &s.act, &[&dy], true, &mut grads)
+                        .expect("input gradient");
+                // SwiGLU: act = silu(gate) · up.
+                let d_up = &d_act * s.gate.silu();
+                let d_gate = s.gate.silu_backward(&(&d_act * &s.up));
+                drop(d_act);
+                let dh2 = group_backward(
+                    &[&m.gate_proj, &m.up_proj],
+                    &s.lgu,
+                    &s.h2,
+                    &[&d_gate, &d_up],
+                    true,
+                    &mut grads,
+                )
+                .expect("input gradient");
+                drop((d_gate, d_up));
+                let dx2 =
+                    rms_backward_into(&dy, &dh2, &layer.post_attention_layernorm, &s.xn2, &s.r2);
+                drop(dh2);
+                // o_proj.
+                let at = &layer.self_attn;
+                let d_attn =
+                    group_backward(&[&at.o_proj], &s.lo, &s.attn, &[&dx2], true, &mut grads)
+                        .expect("input gradient");
+                let d_out = d_attn.view([b, t, nh, d]).transpose(1, 2);
+                let (dq, dk, dv) =
+                    Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward::<Tensor>(
+                        &d_out, &s.q, &s.k, &s.v, &s.out, &s.lse, 0.0, true, None, None,
+                    );
+                drop((d_out, d_attn));
+                let dq_rows = Tensor::empty([n, nh * d], (dq.kind(), dq.device()));
+                rope_backward_into(&dq_rows, &dq, &cos, &sin, b, t, d);
+                let dk_rows = Tensor::empty([n, nkv * d], (dk.kind(), dk.device()));
+                rope_backward_into(&dk_rows, &dk, &cos, &sin, b, t, d);
+                let dv_rows = dv.transpose(1, 2).reshape([n, nkv * d]);
+                drop((dq, dk, dv));
+                // The first layer's input is the frozen embedding: only the
+                // adapters' gradients are needed there.
+                let dh1 = group_backward(
+                    &[&at.q_proj, &at.k_proj, &at.v_proj],
+                    &s.lqkv,
+                    &s.h1,
+                    &[&dq_rows, &dk_rows, &dv_rows],
+                    l > 0,
+                    &mut grads,
+                );
+                if let Some(dh1) = dh1 {
+                    dy = rms_backward_into(&dx2, &dh1, &layer.input_layernorm, &s.xn1, &s.r1);
+                }
+            }
+            grads
+        });
+        // Outside no_grad: the first gradients go through autograd.
+        grads.finish();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lora::{LoraSpec, adapter_tensors, attach};
+    use crate::testutil::{max_abs_diff, tiny_models};
+
+    /// A fixture with adapters on every projection whose `B` is non-zero
+    /// (so every adapter gradient is).
+    fn model(arch: &str) -> LlamaModel {
+        let mut m = LlamaModel::load(&tiny_models().join(arch), Kind::Float, Device::Cpu)
+            .unwrap()
+            .0;
+        attach(
+            &mut m,
+            &LoraSpec::new(4, 8.0, 0.0, false, &["all-linear".into()]),
+        )
+        .unwrap();
+        tch::no_grad(|| {
+            for (_, lin) in m.linears_mut() {
+                if let Some(l) = lin.lora.as_mut() {
+                    let _ = l.b.normal_(0.0, 0.05);
+                }
+            }
+        });
+        m
+    }
+
+    fn grads(m: &LlamaModel) -> Vec<(String, Tensor)> {
+        adapter_tensors(m)
+            .into_iter()
+            .map(|(k, t)| (k, t.grad().copy()))
+            .collect()
+    }
+
+    fn zero_grads(m: &LlamaModel) {
+        tch::no_grad(|| {
+            for (_, t) in adapter_tensors(m) {
+                let _ = t.grad().zero_();
+            }
+        });
+    }
+
+    /// Largest gradient difference relative to the largest gradient.
+    fn rel_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+        let scale = a
+            .iter()
+            .map(|(_, t)| f64::try_from(t.abs().max()).unwrap())
+            .fold(0.0, f64::max);
+        assert!(scale > 0.0);
+        a.iter()
+            .zip(b)
+            .map(|((ka, ta), (kb, tb))| {
+                assert_eq!(ka, kb);
+                max_abs_diff(ta, tb)
+            })
+            .fold(0.0, f64::max)
+            / scale
+    }
+
+    /// Hidden states and adapter gradients of `Σ hidden ⊙ g` by the fused
+    /// pass (first with no gradient buffers, then accumulating into them)
+    /// and by autograd.
+    fn check(arch: &str, t: i64) {
+        let kind = Kind::Float;
+        let m = model(arch);
+        let h = m.config.hidden_size as i64;
+        let ids = Tensor::from_slice(&(0..2 * t).map(|i| (i * 37 + 5) % 200).collect::<Vec<i64>>())
+            .view([2, t]);
+        let pos = Tensor::arange(t, (Kind::Int64, Device::Cpu))
+            .unsqueeze(0)
+            .expand([2, t], false);
+        let g = Tensor::randn([2, t, h], (kind, Device::Cpu));
+        assert!(m.fused_training_supported(t, true));
+
+        let (fused_hidden, tape) = m.fused_forward(&ids, &pos).unwrap();
+        m.fused_backward(tape, &g).unwrap();
+        let first = grads(&m);
+        zero_grads(&m);
+
+        let hidden = m
+            .forward_hidden_t(&ids, None, Some(&pos), None, true)
+            .unwrap();
+        let dh = max_abs_diff(&hidden, &fused_hidden);
+        assert!(dh < 1e-5, "{arch}: hidden states differ by {dh}");
+        (&hidden * &g).sum(kind).backward();
+        let reference = grads(&m);
+        zero_grads(&m);
+
+        let (_, tape) = m.fused_forward(&ids, &pos).unwrap();
+        m.fused_backward(tape, &g).unwrap();
+        let again = grads(&m);
+        for (what, ours) in [("fresh", &first), ("accumulated", &again)] {
+            let d = rel_diff(&reference, ours);
+            assert!(
+                d < 1e-5,
+                "{arch} ({what} buffers): gradients differ by {d} (relative)"
+            );
+        }
+    }
+
+    #[test]
+    fn gradients_equal_autograd_on_every_architecture() {
+        // llama: plain; mistral: sliding window 6, 6 positions; qwen2: q/k/v
+        // biases and grouped-query attention.
+        for (arch, t) in [("llama", 9), ("mistral", 6), ("qwen2", 9)] {
+            check(arch, t);
+        }
+    }
+
+    #[test]
+    fn unsupported_cases_are_refused() {
+        // mistral's window (6) would narrow a 7-token causal pattern.
+        let m = model("mistral");
+        assert!(m.fused_training_supported(6, true));
+        assert!(!m.fused_training_supported(7, true));
+        let ids = Tensor::zeros([1, 7], (Kind::Int64, Device::Cpu));
+        let pos = Tensor::arange(7, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+        assert!(m.fused_forward(&ids, &pos).is_err());
+        // Adapter dropout in training.
+        let mut m = LlamaModel::load(&tiny_models().join("llama"), Kind::Float, Device::Cpu)
+            .unwrap()
+            .0;
+        attach(
+            &mut m,
+            &LoraSpec::new(4, 8.0, 0.1, false, &["q_proj".into()]),
+        )
+        .unwrap();
+        assert!(!m.fused_training_supported(4, true));
+        assert!(m.fused_training_supported(4, false));
+    }
+}
