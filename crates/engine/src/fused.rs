@@ -15,9 +15,11 @@
 //! Invariant: the same mathematics as [`LlamaModel::forward_hidden_t`] with
 //! autograd (`y = base(x) + scale·B(A(x))`, PEFT's semantics); the tests
 //! compare adapter gradients with autograd's on the llama, mistral and qwen2
-//! fixtures. [`LlamaModel::fused_training_supported`] says when it applies:
-//! CPU, fp32, no adapter dropout, plain causal attention within
-//! any sliding window. Anything else takes the autograd path.
+//! fixtures, and the adapter-dropout path against autograd with the same
+//! masks. [`LlamaModel::fused_training_supported`] says when it applies:
+//! CPU, fp32, plain causal attention within any sliding window. Anything
+//! else (packed rows, bf16, CUDA, activation checkpointing) takes the
+//! autograd path.
 
 use crate::error::{EngineError, Result};
 use crate::lora::LoraLayer;
@@ -36,6 +38,10 @@ struct SavedGroup {
     scaled_a: Option<Tensor>,
     /// Column offset and rank of each member's adapter in `downs`.
     slots: Vec<Option<(i64, i64)>>,
+    /// With adapter dropout, each member's dropout multiplier (`mask / (1 −
+    /// p)`, `[N, in]`) by which its down-projection's input was scaled; the
+    /// members' down-projections are then separate GEMMs.
+    masks: Option<Vec<Option<Tensor>>>,
 }
 
 /// Saved activations of one decoder layer (rows are the `N = B·T` tokens).
@@ -100,7 +106,7 @@ fn rms_backward_into(acc: &Tensor, dh: &Tensor, norm: &RmsNorm, xn: &Tensor, r: 
 /// `x Wᵀ (+ b) + scale · B(A(x))` of each projection in `lins` (all reading
 /// rows `x` `[N, in]`). The adapters' down-projections are one GEMM; each
 /// up-projection is added to its output by `addmm_`.
-fn group_forward(lins: &[&Linear], x: &Tensor) -> (Vec<Tensor>, SavedGroup) {
+fn group_forward(lins: &[&Linear], x: &Tensor, train: bool) -> (Vec<Tensor>, SavedGroup) {
     let mut outs: Vec<Tensor> = lins
         .iter()
         .map(|lin| match &lin.bias {
@@ -129,11 +135,37 @@ fn group_forward(lins: &[&Linear], x: &Tensor) -> (Vec<Tensor>, SavedGroup) {
                 downs: None,
                 scaled_a: None,
                 slots,
+                masks: None,
             },
         );
     }
     let scaled_a = Tensor::cat(&scaled, 0);
-    let downs = x.mm(&scaled_a.tr());
+    let dropping = |l: &LoraLayer| train && l.dropout > 0.0;
+    let (downs, masks) = if lins.iter().any(|lin| active(lin).is_some_and(dropping)) {
+        // Each member drops its own input (PEFT: one dropout module per
+        // adapter), drawn in member order as the autograd forward draws them.
+        let downs = Tensor::empty([x.size()[0], off], (x.kind(), x.device()));
+        let mut masks = Vec::with_capacity(lins.len());
+        for (lin, slot) in lins.iter().zip(&slots) {
+            let (Some(l), Some((o, r))) = (active(lin), slot) else {
+                masks.push(None);
+                continue;
+            };
+            let a = scaled_a.narrow(0, *o, *r);
+            let out = downs.narrow(1, *o, *r);
+            if dropping(l) {
+                let m = x.ones_like().dropout(l.dropout, true);
+                let _ = (x * &m).mm_out(&out, &a.tr());
+                masks.push(Some(m));
+            } else {
+                let _ = x.mm_out(&out, &a.tr());
+                masks.push(None);
+            }
+        }
+        (downs, Some(masks))
+    } else {
+        (x.mm(&scaled_a.tr()), None)
+    };
     for ((lin, out), slot) in lins.iter().zip(&mut outs).zip(&slots) {
         if let (Some(l), Some((o, r))) = (active(lin), slot) {
             let _ = out.addmm_(&downs.narrow(1, *o, *r), &l.b.tr());
@@ -145,6 +177,7 @@ fn group_forward(lins: &[&Linear], x: &Tensor) -> (Vec<Tensor>, SavedGroup) {
             downs: Some(downs),
             scaled_a: Some(scaled_a),
             slots,
+            masks,
         },
     )
 }
@@ -234,15 +267,41 @@ fn group_backward(
                 let _ = dy.mm_out(&d_downs.narrow(1, *o, *r), &l.b);
             }
         }
-        // downs = x (scale·A)ᵀ: ∂Aᵢ = scaleᵢ · d(downᵢ)ᵀ x.
-        let d_a = d_downs.tr().mm(x);
-        for (lin, slot) in lins.iter().zip(&saved.slots) {
-            if let (Some(l), Some((o, r))) = (active(lin), slot) {
-                grads.add(&l.a, d_a.narrow(0, *o, *r) * l.scale);
+        match &saved.masks {
+            None => {
+                // downs = x (scale·A)ᵀ: ∂Aᵢ = scaleᵢ · d(downᵢ)ᵀ x.
+                let d_a = d_downs.tr().mm(x);
+                for (lin, slot) in lins.iter().zip(&saved.slots) {
+                    if let (Some(l), Some((o, r))) = (active(lin), slot) {
+                        grads.add(&l.a, d_a.narrow(0, *o, *r) * l.scale);
+                    }
+                }
+                if let Some(acc) = dx.as_mut() {
+                    let _ = acc.addmm_(&d_downs, scaled_a);
+                }
             }
-        }
-        if let Some(acc) = dx.as_mut() {
-            let _ = acc.addmm_(&d_downs, scaled_a);
+            Some(masks) => {
+                // downᵢ = (x ⊙ mᵢ)(scale·Aᵢ)ᵀ: ∂Aᵢ = scaleᵢ · d(downᵢ)ᵀ (x ⊙ mᵢ)
+                // and the input gradient passes back through the mask.
+                for ((lin, slot), mask) in lins.iter().zip(&saved.slots).zip(masks) {
+                    let (Some(l), Some((o, r))) = (active(lin), slot) else {
+                        continue;
+                    };
+                    let d_down = d_downs.narrow(1, *o, *r);
+                    let a = scaled_a.narrow(0, *o, *r);
+                    let input = match mask {
+                        Some(m) => x * m,
+                        None => x.shallow_clone(),
+                    };
+                    grads.add(&l.a, d_down.tr().mm(&input) * l.scale);
+                    if let Some(acc) = dx.as_mut() {
+                        let _ = match mask {
+                            Some(m) => acc.addcmul_(&d_down.mm(&a), m),
+                            None => acc.addmm_(&d_down, &a),
+                        };
+                    }
+                }
+            }
         }
     }
     dx
@@ -292,10 +351,9 @@ fn rope_backward_into(
 
 impl LlamaModel {
     /// Whether [`Self::fused_forward`] can train this model on a batch of
-    /// `t` positions: CPU, fp32 weights and adapters, no
-    /// adapter dropout when `train`, and causal attention that no sliding
-    /// window narrows.
-    pub fn fused_training_supported(&self, t: i64, train: bool) -> bool {
+    /// `t` positions: CPU, fp32 weights and adapters, and causal attention
+    /// that no sliding window narrows.
+    pub fn fused_training_supported(&self, t: i64) -> bool {
         if self.device() != Device::Cpu || self.kind() != Kind::Float {
             return false;
         }
@@ -303,19 +361,22 @@ impl LlamaModel {
             return false;
         }
         self.linears().iter().all(|(_, lin)| match &lin.lora {
-            Some(l) => l.a.kind() == self.kind() && !(train && l.enabled && l.dropout > 0.0),
+            Some(l) => l.a.kind() == self.kind(),
             None => true,
         })
     }
 
     /// The final hidden states `[B, T, H]` (after the last norm) of a causal
     /// pass over `input_ids` at `position_ids`, detached, and the tape for
-    /// [`Self::fused_backward`]. Errors when [`Self::fused_training_supported`]
-    /// is false.
+    /// [`Self::fused_backward`]. `train` applies the adapters' dropout, with
+    /// the masks drawn from libtorch's generator in the order the autograd
+    /// forward draws them (so a seeded pass draws the same masks). Errors when
+    /// [`Self::fused_training_supported`] is false.
     pub fn fused_forward(
         &self,
         input_ids: &Tensor,
         position_ids: &Tensor,
+        train: bool,
     ) -> Result<(Tensor, FusedTape)> {
         let size = input_ids.size();
         let (b, t) = match size[..] {
@@ -327,11 +388,11 @@ impl LlamaModel {
                 ));
             }
         };
-        if !self.fused_training_supported(t, true) {
+        if !self.fused_training_supported(t) {
             return Err(EngineError::invalid(
                 "model",
-                "the fused training pass needs a CPU model of one floating kind, no adapter \
-                 dropout and plain causal attention; use the autograd forward",
+                "the fused training pass needs an fp32 CPU model and plain causal attention \
+                 within any sliding window; use the autograd forward",
             ));
         }
         tch::no_grad(|| {
@@ -347,7 +408,7 @@ impl LlamaModel {
                 let at = &layer.self_attn;
                 let (xn1, r1) = rms_forward(&x, layer.input_layernorm.eps);
                 let h1 = &xn1 * &layer.input_layernorm.weight;
-                let (qkv, lqkv) = group_forward(&[&at.q_proj, &at.k_proj, &at.v_proj], &h1);
+                let (qkv, lqkv) = group_forward(&[&at.q_proj, &at.k_proj, &at.v_proj], &h1, train);
                 let [q, k, v]: [Tensor; 3] = qkv.try_into().expect("three projections");
                 let q = rope_forward(&q.view([b, t, nh, d]), &cos, &sin, d);
                 let k = rope_forward(&k.view([b, t, nkv, d]), &cos, &sin, d);
@@ -356,17 +417,17 @@ impl LlamaModel {
                     Tensor,
                 >(&q, &k, &v, 0.0, true, None, None);
                 let attn = out.transpose(1, 2).reshape([n, nh * d]);
-                let (o, lo) = group_forward(&[&at.o_proj], &attn);
+                let (o, lo) = group_forward(&[&at.o_proj], &attn, train);
                 let mut o = single(o);
                 let _ = o.g_add_(&x);
                 let x2 = o;
                 let (xn2, r2) = rms_forward(&x2, layer.post_attention_layernorm.eps);
                 let h2 = &xn2 * &layer.post_attention_layernorm.weight;
                 let m = &layer.mlp;
-                let (gu, lgu) = group_forward(&[&m.gate_proj, &m.up_proj], &h2);
+                let (gu, lgu) = group_forward(&[&m.gate_proj, &m.up_proj], &h2, train);
                 let [gate, up]: [Tensor; 2] = gu.try_into().expect("two projections");
                 let act = gate.silu() * &up;
-                let (y, ld) = group_forward(&[&m.down_proj], &act);
+                let (y, ld) = group_forward(&[&m.down_proj], &act, train);
                 let mut y = single(y);
                 let _ = y.g_add_(&x2);
                 x = y;
@@ -568,9 +629,9 @@ mod tests {
             .unsqueeze(0)
             .expand([2, t], false);
         let g = Tensor::randn([2, t, h], (kind, Device::Cpu));
-        assert!(m.fused_training_supported(t, true));
+        assert!(m.fused_training_supported(t));
 
-        let (fused_hidden, tape) = m.fused_forward(&ids, &pos).unwrap();
+        let (fused_hidden, tape) = m.fused_forward(&ids, &pos, true).unwrap();
         m.fused_backward(tape, &g).unwrap();
         let first = grads(&m);
         zero_grads(&m);
@@ -584,7 +645,7 @@ mod tests {
         let reference = grads(&m);
         zero_grads(&m);
 
-        let (_, tape) = m.fused_forward(&ids, &pos).unwrap();
+        let (_, tape) = m.fused_forward(&ids, &pos, true).unwrap();
         m.fused_backward(tape, &g).unwrap();
         let again = grads(&m);
         for (what, ours) in [("fresh", &first), ("accumulated", &again)] {
@@ -609,21 +670,118 @@ mod tests {
     fn unsupported_cases_are_refused() {
         // mistral's window (6) would narrow a 7-token causal pattern.
         let m = model("mistral");
-        assert!(m.fused_training_supported(6, true));
-        assert!(!m.fused_training_supported(7, true));
+        assert!(m.fused_training_supported(6));
+        assert!(!m.fused_training_supported(7));
         let ids = Tensor::zeros([1, 7], (Kind::Int64, Device::Cpu));
         let pos = Tensor::arange(7, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-        assert!(m.fused_forward(&ids, &pos).is_err());
-        // Adapter dropout in training.
-        let mut m = LlamaModel::load(&tiny_models().join("llama"), Kind::Float, Device::Cpu)
+        let e = m.fused_forward(&ids, &pos, true).unwrap_err().to_string();
+        assert!(e.contains("sliding window"), "{e}");
+        // fp64 weights.
+        let m = LlamaModel::load(&tiny_models().join("llama"), Kind::Double, Device::Cpu)
             .unwrap()
             .0;
-        attach(
-            &mut m,
-            &LoraSpec::new(4, 8.0, 0.1, false, &["q_proj".into()]),
-        )
-        .unwrap();
-        assert!(!m.fused_training_supported(4, true));
-        assert!(m.fused_training_supported(4, false));
+        assert!(!m.fused_training_supported(4));
+    }
+
+    /// A projection `[out, in]` with an adapter of rank 3 whose `B` is non-zero.
+    fn projection(out: i64, inp: i64, dropout: f64, bias: bool) -> Linear {
+        let opts = (Kind::Float, Device::Cpu);
+        let mut lin = Linear::new(
+            Tensor::randn([out, inp], opts),
+            bias.then(|| Tensor::randn([out], opts)),
+        );
+        lin.lora = Some(LoraLayer::new(
+            Tensor::randn([3, inp], opts).set_requires_grad(true),
+            Tensor::randn([out, 3], opts).set_requires_grad(true),
+            0.7,
+            dropout,
+        ));
+        lin
+    }
+
+    #[test]
+    fn adapter_dropout_gradients_equal_autograd_with_the_same_masks() {
+        // Three projections reading one input (as q/k/v), one without
+        // dropout among them: outputs, adapter gradients and the input
+        // gradient against autograd over the masks the fused pass drew.
+        let q = projection(6, 5, 0.3, true);
+        let k = projection(4, 5, 0.0, false);
+        let v = projection(4, 5, 0.5, false);
+        let lins = [&q, &k, &v];
+        let x = Tensor::randn([64, 5], (Kind::Float, Device::Cpu));
+        let gs: Vec<Tensor> = [6, 4, 4]
+            .iter()
+            .map(|&o| Tensor::randn([64, o], (Kind::Float, Device::Cpu)))
+            .collect();
+
+        let (outs, saved) = tch::no_grad(|| group_forward(&lins, &x, true));
+        let masks = saved.masks.as_ref().expect("dropout draws masks");
+        assert!(masks[1].is_none());
+        for (mask, p) in [(&masks[0], 0.3), (&masks[2], 0.5)] {
+            let m = mask.as_ref().expect("a mask");
+            // Entries are 0 or 1/(1-p), about p of them 0.
+            let kept = m.ne(0.0);
+            let wrong = m.masked_select(&kept) - 1.0 / (1.0 - p);
+            assert!(f64::try_from(wrong.abs().max()).unwrap() < 1e-6);
+            let zeros = 1.0 - f64::try_from(kept.to_kind(Kind::Double).mean(Kind::Double)).unwrap();
+            assert!((zeros - p).abs() < 0.1, "dropped {zeros}, p = {p}");
+        }
+        let mut grads = Grads {
+            pending: Vec::new(),
+        };
+        let dx = tch::no_grad(|| {
+            group_backward(
+                &lins,
+                &saved,
+                &x,
+                &[&gs[0], &gs[1], &gs[2]],
+                true,
+                &mut grads,
+            )
+        })
+        .expect("input gradient");
+        grads.finish();
+        let ours: Vec<Tensor> = lins
+            .iter()
+            .flat_map(|l| {
+                let a = l.lora.as_ref().unwrap();
+                [a.a.grad().copy(), a.b.grad().copy()]
+            })
+            .collect();
+        for l in lins {
+            let a = l.lora.as_ref().unwrap();
+            let _ = a.a.grad().zero_();
+            let _ = a.b.grad().zero_();
+        }
+
+        let xr = x.detach().set_requires_grad(true);
+        let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
+        for (((lin, mask), g), out) in lins.iter().zip(masks).zip(&gs).zip(&outs) {
+            let a = lin.lora.as_ref().unwrap();
+            let input = match mask {
+                Some(m) => &xr * m,
+                None => xr.shallow_clone(),
+            };
+            let y = xr.linear(&lin.weight, lin.bias.as_ref())
+                + input
+                    .linear::<Tensor>(&a.a, None)
+                    .linear::<Tensor>(&a.b, None)
+                    * a.scale;
+            assert!(max_abs_diff(&y, out) < 1e-5);
+            total += (y * g).sum(Kind::Float);
+        }
+        total.backward();
+        assert!(max_abs_diff(&xr.grad(), &dx) < 1e-4);
+        let reference = lins.iter().flat_map(|l| {
+            let a = l.lora.as_ref().unwrap();
+            [a.a.grad(), a.b.grad()]
+        });
+        for (r, o) in reference.zip(&ours) {
+            let d = max_abs_diff(&r, o);
+            assert!(
+                d < 1e-4 * (1.0 + f64::try_from(r.abs().max()).unwrap()),
+                "{d}"
+            );
+        }
     }
 }

@@ -46,6 +46,8 @@ pub struct BenchOptions {
     /// Back-propagate through autograd even where the engine's fused pass
     /// applies (to compare the two).
     pub autograd: bool,
+    /// LoRA dropout (0 in the anchor).
+    pub dropout: f64,
 }
 
 /// The benchmark's result (the anchor's field names).
@@ -89,7 +91,7 @@ pub fn bench_train(o: &BenchOptions) -> Result<BenchResult> {
         .iter()
         .map(|(_, t)| t.numel() as i64)
         .sum();
-    let spec = LoraSpec::new(o.rank, o.alpha, 0.0, false, &o.targets);
+    let spec = LoraSpec::new(o.rank, o.alpha, o.dropout, false, &o.targets);
     lora::attach(&mut model, &spec)?;
     let params = lora::adapter_tensors(&model);
     let trainable: i64 = params.iter().map(|(_, t)| t.numel() as i64).sum();

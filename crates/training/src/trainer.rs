@@ -228,7 +228,7 @@ pub struct EngineModel<'a> {
     /// The model.
     pub model: &'a LlamaModel,
     /// Train with the engine's hand-written backward where it applies (CPU,
-    /// fp32, no adapter dropout, unpacked causal batches); else autograd.
+    /// fp32, unpacked causal batches); else autograd.
     pub fused: bool,
 }
 
@@ -280,9 +280,7 @@ impl TrainableModel for EngineModel<'_> {
         chunk_elements: i64,
     ) -> Result<Option<LossStats>> {
         let (_, t) = batch.shape();
-        if !self.fused
-            || batch.attention_mask.is_some()
-            || !self.model.fused_training_supported(t, true)
+        if !self.fused || batch.attention_mask.is_some() || !self.model.fused_training_supported(t)
         {
             return Ok(None);
         }
@@ -290,6 +288,7 @@ impl TrainableModel for EngineModel<'_> {
         let (hidden, tape) = self.model.fused_forward(
             &batch.input_ids.to_device(device),
             &batch.position_ids.to_device(device),
+            true,
         )?;
         let (stats, grad) = chunked_cross_entropy_grad(
             &hidden,

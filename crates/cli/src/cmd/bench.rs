@@ -63,6 +63,9 @@ pub struct TrainArgs {
     /// Recompute activations in backward (activation checkpointing).
     #[arg(long)]
     pub grad_checkpointing: bool,
+    /// LoRA dropout on the adapters' inputs (the anchor has none).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
     /// Back-propagate through autograd instead of the engine's fused pass.
     #[arg(long)]
     pub autograd: bool,
@@ -88,6 +91,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 device: parse_device(a.device.as_deref())?,
                 gradient_checkpointing: a.grad_checkpointing,
                 autograd: a.autograd,
+                dropout: a.lora_dropout,
             };
             let r = tokio::task::spawn_blocking(move || bench_train(&o)).await??;
             if a.json {
