@@ -203,11 +203,11 @@ impl TrainSetup {
 /// `cpu_load_weight_copies` = 1 follows from `small` at seq 8 × batch 1
 /// (1,226 MiB ≈ runtime + 2 × 513 MiB of weights); `cpu_activation_scale` =
 /// 0.90 minimises the RMS relative error over five training-bound runs of the
-/// engine's fused training pass, which fp32 CPU runs without adapter dropout
+/// engine's fused training pass, which fp32 CPU runs on unpacked batches
 /// take (small seq 256 × 4 r16 all seven projections 2,000 MiB, seq 128 × 4
 /// r8 q/v 1,364, seq 512 × 2 r16 2,000, seq 256 × 8 r16 3,180; tiny seq 256 ×
-/// 4 r16 331), leaving every one within −10 %…+3 %; the autograd path (adapter
-/// dropout, packing) peaked up to 12 % higher (2,201 / 1,361 / 2,212 / 3,565 /
+/// 4 r16 331), leaving every one within −10 %…+3 %; the autograd path (packed
+/// rows, checkpointing) peaked up to 12 % higher (2,201 / 1,361 / 2,212 / 3,565 /
 /// 350 MiB, fitted factor 1.05). Under glibc's allocator (a program
 /// embedding the library without mimalloc) the same runs peaked 1.2-1.6 ×
 /// higher (3,290 / 1,649 / 3,159 / 5,595 / 399 MiB; fitted factor 1.85): glibc
