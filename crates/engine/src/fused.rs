@@ -351,10 +351,14 @@ fn rope_backward_into(
 
 impl LlamaModel {
     /// Whether [`Self::fused_forward`] can train this model on a batch of
-    /// `t` positions: CPU, fp32 weights and adapters, and causal attention
-    /// that no sliding window narrows.
+    /// `t` positions: CPU, fp32 weights and adapters, no adapter on
+    /// `lm_head` (the pass ends at the final norm), and causal attention that
+    /// no sliding window narrows.
     pub fn fused_training_supported(&self, t: i64) -> bool {
         if self.device() != Device::Cpu || self.kind() != Kind::Float {
+            return false;
+        }
+        if active(&self.lm_head).is_some() {
             return false;
         }
         if self.config.sliding_window.is_some_and(|w| t > w as i64) {
@@ -680,6 +684,16 @@ mod tests {
         let m = LlamaModel::load(&tiny_models().join("llama"), Kind::Double, Device::Cpu)
             .unwrap()
             .0;
+        assert!(!m.fused_training_supported(4));
+        // An adapter on lm_head, which the pass (ending at the final norm)
+        // would not train.
+        let mut m = model("llama");
+        assert!(m.fused_training_supported(4));
+        attach(
+            &mut m,
+            &LoraSpec::new(4, 8.0, 0.0, false, &["lm_head".into()]),
+        )
+        .unwrap();
         assert!(!m.fused_training_supported(4));
     }
 
