@@ -417,8 +417,7 @@ fn axpy(alpha: f32, x: &[f32], out: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::generate::{GenerationConfig, generate};
-    use crate::lora::{LoraSpec, attach};
-    use crate::testutil::{max_abs_diff, tiny_models};
+    use crate::testutil::{attach_live_lora, max_abs_diff, tiny_models};
 
     fn load(arch: &str) -> LlamaModel {
         LlamaModel::load(&tiny_models().join(arch), Kind::Float, Device::Cpu)
@@ -475,18 +474,7 @@ mod tests {
     fn the_fast_step_applies_lora_adapters_like_the_graph() {
         let mut m = load("qwen2");
         tch::manual_seed(3);
-        attach(
-            &mut m,
-            &LoraSpec::new(4, 8.0, 0.0, false, &["all-linear".into()]),
-        )
-        .unwrap();
-        tch::no_grad(|| {
-            for (_, lin) in m.linears_mut() {
-                if let Some(l) = lin.lora.as_mut() {
-                    let _ = l.b.normal_(0.0, 0.05);
-                }
-            }
-        });
+        attach_live_lora(&mut m);
         let d = compare(&m, &[7, 8, 9], 6);
         assert!(d < 1e-5, "logits differ by {d}");
         // The adapter changes the logits, so the comparison saw it.

@@ -8,9 +8,9 @@
 //! and the gradients of the sibling projections that read the same input
 //! (q/k/v, gate/up) land in one buffer; RMSNorm's backward is five passes;
 //! RoPE's backward writes the query/key gradients straight into the
-//! row-major layout the projections read; the adapters' gradients are GEMMs
-//! into the leaves' `.grad` buffers. Base weights never get a gradient and
-//! the first layer's input gradient is not computed.
+//! row-major layout the projections read; the adapters' gradients are added
+//! to the leaves' `.grad` buffers in place. Base weights never get a gradient
+//! and the first layer's input gradient is not computed.
 //!
 //! Invariant: the same mathematics as [`LlamaModel::forward_hidden_t`] with
 //! autograd (`y = base(x) + scale·B(A(x))`, PEFT's semantics); the tests
@@ -94,13 +94,22 @@ fn rms_forward(x: &Tensor, eps: f64) -> (Tensor, Tensor) {
     (x * &r, r)
 }
 
-/// Gradient of `w ⊙ xn` (`xn = x·r`) with respect to `x`, added to `acc`:
-/// `acc + r · (t − xn · mean(t ⊙ xn))` with `t = dh ⊙ w`.
-fn rms_backward_into(acc: &Tensor, dh: &Tensor, norm: &RmsNorm, xn: &Tensor, r: &Tensor) -> Tensor {
+/// Gradient of `w ⊙ xn` (`xn = x·r`) with respect to `x`, added to `acc`
+/// when given: `acc + r · (t − xn · mean(t ⊙ xn))` with `t = dh ⊙ w`.
+fn rms_backward(
+    acc: Option<&Tensor>,
+    dh: &Tensor,
+    norm: &RmsNorm,
+    xn: &Tensor,
+    r: &Tensor,
+) -> Tensor {
     let mut t = dh * &norm.weight;
     let c = (&t * xn).mean_dim(&[-1i64][..], true, t.kind());
     let _ = t.addcmul_(xn, &c.neg());
-    acc.addcmul(&t, r)
+    match acc {
+        Some(acc) => acc.addcmul(&t, r),
+        None => t.g_mul_(r),
+    }
 }
 
 /// `x Wᵀ (+ b) + scale · B(A(x))` of each projection in `lins` (all reading
@@ -395,8 +404,8 @@ impl LlamaModel {
         if !self.fused_training_supported(t) {
             return Err(EngineError::invalid(
                 "model",
-                "the fused training pass needs an fp32 CPU model and plain causal attention \
-                 within any sliding window; use the autograd forward",
+                "the fused training pass needs an fp32 CPU model with no adapter on lm_head and \
+                 plain causal attention within any sliding window; use the autograd forward",
             ));
         }
         tch::no_grad(|| {
@@ -496,9 +505,7 @@ impl LlamaModel {
                 pending: Vec::new(),
             };
             let dh = d_hidden.reshape([n, h]);
-            let zeros = dh.zeros_like();
-            let mut dy = rms_backward_into(&zeros, &dh, &self.norm, &xn_final, &r_final);
-            drop(zeros);
+            let mut dy = rms_backward(None, &dh, &self.norm, &xn_final, &r_final);
             for (l, (layer, s)) in self.layers.iter().zip(layers).enumerate().rev() {
                 let m = &layer.mlp;
                 // down_proj: d(act).
@@ -519,8 +526,13 @@ impl LlamaModel {
                 )
                 .expect("input gradient");
                 drop((d_gate, d_up));
-                let dx2 =
-                    rms_backward_into(&dy, &dh2, &layer.post_attention_layernorm, &s.xn2, &s.r2);
+                let dx2 = rms_backward(
+                    Some(&dy),
+                    &dh2,
+                    &layer.post_attention_layernorm,
+                    &s.xn2,
+                    &s.r2,
+                );
                 drop(dh2);
                 // o_proj.
                 let at = &layer.self_attn;
@@ -550,7 +562,7 @@ impl LlamaModel {
                     &mut grads,
                 );
                 if let Some(dh1) = dh1 {
-                    dy = rms_backward_into(&dx2, &dh1, &layer.input_layernorm, &s.xn1, &s.r1);
+                    dy = rms_backward(Some(&dx2), &dh1, &layer.input_layernorm, &s.xn1, &s.r1);
                 }
             }
             grads
@@ -565,7 +577,7 @@ impl LlamaModel {
 mod tests {
     use super::*;
     use crate::lora::{LoraSpec, adapter_tensors, attach};
-    use crate::testutil::{max_abs_diff, tiny_models};
+    use crate::testutil::{attach_live_lora, max_abs_diff, tiny_models};
 
     /// A fixture with adapters on every projection whose `B` is non-zero
     /// (so every adapter gradient is).
@@ -573,18 +585,7 @@ mod tests {
         let mut m = LlamaModel::load(&tiny_models().join(arch), Kind::Float, Device::Cpu)
             .unwrap()
             .0;
-        attach(
-            &mut m,
-            &LoraSpec::new(4, 8.0, 0.0, false, &["all-linear".into()]),
-        )
-        .unwrap();
-        tch::no_grad(|| {
-            for (_, lin) in m.linears_mut() {
-                if let Some(l) = lin.lora.as_mut() {
-                    let _ = l.b.normal_(0.0, 0.05);
-                }
-            }
-        });
+        attach_live_lora(&mut m);
         m
     }
 

@@ -72,6 +72,24 @@ pub fn tiny_models() -> &'static Path {
     DIR.get_or_init(|| cached_fixture("tiny_models.py", &[]))
 }
 
+/// Attaches rank-4 adapters to every projection of `m` (`all-linear`,
+/// alpha 8, no dropout) and draws their `B` from N(0, 0.05²), so that the
+/// adapters change the output and every adapter gradient is non-zero.
+pub fn attach_live_lora(m: &mut crate::LlamaModel) {
+    crate::lora::attach(
+        m,
+        &crate::lora::LoraSpec::new(4, 8.0, 0.0, false, &["all-linear".into()]),
+    )
+    .expect("attach");
+    tch::no_grad(|| {
+        for (_, lin) in m.linears_mut() {
+            if let Some(l) = lin.lora.as_mut() {
+                let _ = l.b.normal_(0.0, 0.05);
+            }
+        }
+    });
+}
+
 /// Largest absolute difference of two tensors.
 pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     f64::try_from((a - b).abs().max()).expect("scalar")

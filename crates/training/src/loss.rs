@@ -66,7 +66,7 @@ pub fn chunked_cross_entropy(
     chunk_elements: i64,
 ) -> LossStats {
     let (stats, grad) = loss_and_grad(hidden, weight, targets, norm, backward, chunk_elements);
-    if let Some((h, g)) = grad {
+    if let Some(RowGrad { h, g, .. }) = grad {
         // Σ h ⊙ g has gradient g with respect to h.
         (&h * &g).sum(Kind::Float).backward();
     }
@@ -84,15 +84,9 @@ pub fn chunked_cross_entropy_grad(
     chunk_elements: i64,
 ) -> (LossStats, Option<Tensor>) {
     let (stats, grad) = loss_and_grad(hidden, weight, targets, norm, true, chunk_elements);
-    let full = grad.map(|(h, g)| {
-        if h.size()[0] == targets.numel() as i64 {
-            g.view(hidden.size().as_slice())
-        } else {
-            let idx = targets
-                .reshape([-1])
-                .ne(IGNORE_INDEX)
-                .nonzero()
-                .squeeze_dim(1);
+    let full = grad.map(|RowGrad { g, rows, .. }| match rows {
+        None => g.view(hidden.size().as_slice()),
+        Some(idx) => {
             let h_dim = hidden.size()[hidden.dim() - 1];
             g.new_zeros([targets.numel() as i64, h_dim], (g.kind(), g.device()))
                 .index_copy(0, &idx, &g)
@@ -102,8 +96,18 @@ pub fn chunked_cross_entropy_grad(
     (stats, full)
 }
 
+/// The rows of `hidden` the loss read and their gradient.
+struct RowGrad {
+    /// `[n, H]`: every row of `hidden`, or the gathered rows with a target.
+    h: Tensor,
+    /// `∂(Σ token_loss / norm)/∂h`.
+    g: Tensor,
+    /// The gathered rows' positions in the flattened batch (`None`: all rows).
+    rows: Option<Tensor>,
+}
+
 /// The loss statistics and, when `backward`, the rows of `hidden` the loss
-/// read (`[n, H]`, all rows or the gathered target rows) with their gradient.
+/// read with their gradient.
 fn loss_and_grad(
     hidden: &Tensor,
     weight: &Tensor,
@@ -111,7 +115,7 @@ fn loss_and_grad(
     norm: f64,
     backward: bool,
     chunk_elements: i64,
-) -> (LossStats, Option<(Tensor, Tensor)>) {
+) -> (LossStats, Option<RowGrad>) {
     let h_dim = hidden.size()[hidden.dim() - 1];
     let vocab = weight.size()[0];
     let flat_t = targets.reshape([-1]);
@@ -127,14 +131,15 @@ fn loss_and_grad(
     // gathering the rows (a copy forward, a scatter backward). Otherwise
     // project only the rows with a target.
     let dense = 10 * n >= 9 * rows_total;
-    let (h, t, keep) = if dense {
-        (flat_h, flat_t.shallow_clone(), Some(valid))
+    let (h, t, keep, gathered) = if dense {
+        (flat_h, flat_t.shallow_clone(), Some(valid), None)
     } else {
         let idx = valid.nonzero().squeeze_dim(1);
         (
             flat_h.index_select(0, &idx),
             flat_t.index_select(0, &idx),
             None,
+            Some(idx),
         )
     };
     let n_rows = h.size()[0];
@@ -206,7 +211,14 @@ fn loss_and_grad(
     });
     if backward {
         let g = Tensor::cat(&grads, 0);
-        return (stats, Some((h, g)));
+        return (
+            stats,
+            Some(RowGrad {
+                h,
+                g,
+                rows: gathered,
+            }),
+        );
     }
     (stats, None)
 }
