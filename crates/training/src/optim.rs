@@ -13,6 +13,14 @@
 //! v   ← β2·v + (1−β2)·g²
 //! p   ← p − (lr / (1−β1^t)) · m / (sqrt(v) / sqrt(1−β2^t) + ε)
 //! ```
+//!
+//! The parameters are moved into one flat buffer when the optimiser is made
+//! (each leaf's data becomes a view of it, `Tensor::set_data`, so the model
+//! and the optimiser keep sharing them), and so are the moments: a step is a
+//! dozen operations over all parameters instead of a dozen per tensor. A
+//! LoRA adapter has two small tensors per projection (56 on a 4-layer model,
+//! each below libtorch's parallel grain), and the per-tensor loop was ~2 % of
+//! a training step. The arithmetic per element is unchanged.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -53,23 +61,83 @@ struct Slot {
     exp_avg_sq: Tensor,
 }
 
+/// Parameters and moments of all slots in single buffers (the slots hold
+/// views of them).
+#[derive(Debug)]
+struct Flat {
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+}
+
 /// AdamW over a named set of trainable leaf tensors.
 #[derive(Debug)]
 pub struct AdamW {
     cfg: AdamWConfig,
     slots: Vec<Slot>,
+    flat: Option<Flat>,
     step: u64,
+}
+
+/// The flat buffers for `params` when they share a kind and a device and
+/// there are several of them (else `None`: each slot keeps its own tensors).
+fn flatten(params: &mut [(String, Tensor)]) -> Option<Flat> {
+    let (_, first) = params.first()?;
+    let (kind, device) = (first.kind(), first.device());
+    if params.len() < 2
+        || params
+            .iter()
+            .any(|(_, p)| p.kind() != kind || p.device() != device)
+    {
+        return None;
+    }
+    let total: i64 = params.iter().map(|(_, p)| p.numel() as i64).sum();
+    tch::no_grad(|| {
+        let flat = Tensor::empty([total], (kind, device));
+        let mut off = 0;
+        for (_, p) in params.iter_mut() {
+            let n = p.numel() as i64;
+            let mut view = flat.narrow(0, off, n).view(p.size().as_slice());
+            view.copy_(p);
+            // The leaf (shared with the model) now reads the flat buffer;
+            // its autograd identity and gradient buffer are unchanged.
+            p.set_data(&view);
+            off += n;
+        }
+        Some(Flat {
+            param: flat,
+            exp_avg: Tensor::zeros([total], (kind, device)),
+            exp_avg_sq: Tensor::zeros([total], (kind, device)),
+        })
+    })
 }
 
 impl AdamW {
     /// An optimiser over `params` (name, leaf tensor with `requires_grad`).
     /// Names must be unique; they key the saved state.
-    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
+    ///
+    /// The leaves' data move into one buffer (see the module doc): a tensor
+    /// that shares storage with a parameter without being a shallow clone of
+    /// its leaf no longer sees the parameter change.
+    pub fn new(mut params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
+        let flat = flatten(&mut params);
+        let mut off = 0;
         let slots = params
             .into_iter()
             .map(|(name, param)| {
-                let exp_avg = tch::no_grad(|| param.zeros_like());
-                let exp_avg_sq = tch::no_grad(|| param.zeros_like());
+                let (exp_avg, exp_avg_sq) = match &flat {
+                    Some(f) => {
+                        let n = param.numel() as i64;
+                        let shape = param.size();
+                        let views = (
+                            f.exp_avg.narrow(0, off, n).view(shape.as_slice()),
+                            f.exp_avg_sq.narrow(0, off, n).view(shape.as_slice()),
+                        );
+                        off += n;
+                        views
+                    }
+                    None => tch::no_grad(|| (param.zeros_like(), param.zeros_like())),
+                };
                 Slot {
                     name,
                     param,
@@ -81,8 +149,24 @@ impl AdamW {
         Self {
             cfg,
             slots,
+            flat,
             step: 0,
         }
+    }
+
+    /// Every gradient in one flat tensor (the order of the flat buffers), or
+    /// `None` when the buffers are not flat or some gradient is undefined.
+    fn flat_grad(&self) -> Option<Tensor> {
+        self.flat.as_ref()?;
+        let grads = self
+            .slots
+            .iter()
+            .map(|s| {
+                let g = s.param.grad();
+                g.defined().then(|| g.reshape([-1]))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(Tensor::cat(&grads, 0))
     }
 
     /// Optimiser steps taken so far.
@@ -118,6 +202,10 @@ impl AdamW {
     /// The global L2 norm of all gradients (0 where a gradient is undefined).
     pub fn grad_norm(&self) -> f64 {
         tch::no_grad(|| {
+            if let Some(g) = self.flat_grad() {
+                let n = g.to_kind(Kind::Double).square().sum(Kind::Double);
+                return n.double_value(&[]).sqrt();
+            }
             let mut total = 0.0f64;
             for s in &self.slots {
                 let g = s.param.grad();
@@ -166,20 +254,28 @@ impl AdamW {
         let bias2 = 1.0 - beta2.powf(t);
         let step_size = lr / bias1;
         let bias2_sqrt = bias2.sqrt();
+        let update =
+            |param: &mut Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tensor, g: &Tensor| {
+                if weight_decay != 0.0 {
+                    let _ = param.g_mul_scalar_(1.0 - lr * weight_decay);
+                }
+                let _ = exp_avg.lerp_(g, 1.0 - beta1);
+                let _ = exp_avg_sq.g_mul_scalar_(beta2);
+                let _ = exp_avg_sq.g_add_(&(g.square() * (1.0 - beta2)));
+                let denom = (exp_avg_sq.sqrt() / bias2_sqrt) + eps;
+                let _ = param.addcdiv_(&(&*exp_avg * (-step_size)), &denom);
+            };
         tch::no_grad(|| {
+            if let Some(g) = self.flat_grad() {
+                let f = self.flat.as_mut().expect("flat buffers");
+                update(&mut f.param, &mut f.exp_avg, &mut f.exp_avg_sq, &g);
+                return;
+            }
             for s in &mut self.slots {
                 let g = s.param.grad();
-                if !g.defined() {
-                    continue;
+                if g.defined() {
+                    update(&mut s.param, &mut s.exp_avg, &mut s.exp_avg_sq, &g);
                 }
-                if weight_decay != 0.0 {
-                    let _ = s.param.g_mul_scalar_(1.0 - lr * weight_decay);
-                }
-                let _ = s.exp_avg.lerp_(&g, 1.0 - beta1);
-                let _ = s.exp_avg_sq.g_mul_scalar_(beta2);
-                let _ = s.exp_avg_sq.g_add_(&(g.square() * (1.0 - beta2)));
-                let denom = (s.exp_avg_sq.sqrt() / bias2_sqrt) + eps;
-                let _ = s.param.addcdiv_(&(&s.exp_avg * (-step_size)), &denom);
             }
         });
     }
@@ -327,6 +423,136 @@ mod tests {
                 do_step(&mut opt, &p);
             }
             Vec::<f32>::try_from(&p).unwrap()
+        };
+        assert_eq!(run(false), run(true));
+    }
+
+    /// `(name, leaf)` pairs with shapes [2, 3] and [4] and fixed values.
+    fn two_leaves() -> Vec<(String, Tensor)> {
+        vec![
+            (
+                "a".into(),
+                Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25, -0.75, 1.5])
+                    .view([2, 3])
+                    .set_requires_grad(true),
+            ),
+            ("b".into(), leaf(&[1.0, -2.0, 3.0, -0.5])),
+        ]
+    }
+
+    /// One step of `loss = Σ p³` over `params` (gradient `3p²`).
+    fn cubic_step(opt: &mut AdamW, params: &[Tensor]) {
+        opt.zero_grad();
+        let loss = params
+            .iter()
+            .map(|p| p.pow_tensor_scalar(3).sum(Kind::Float))
+            .fold(
+                Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
+                |a, b| a + b,
+            );
+        loss.backward();
+        opt.step(0.05);
+    }
+
+    #[test]
+    fn flat_buffers_update_the_models_leaves_as_separate_slots_would() {
+        // The model's handles (shallow clones made before the optimiser)
+        // must see every update, with the same values as an optimiser per
+        // tensor (a single slot is never flattened).
+        let cfg = AdamWConfig {
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let model: Vec<Tensor> = two_leaves().into_iter().map(|(_, t)| t).collect();
+        let mut opt = AdamW::new(
+            model
+                .iter()
+                .zip(["a", "b"])
+                .map(|(t, n)| (n.to_string(), t.shallow_clone()))
+                .collect(),
+            cfg,
+        );
+        assert!(opt.flat.is_some());
+        let separate: Vec<Tensor> = two_leaves().into_iter().map(|(_, t)| t).collect();
+        let mut singles: Vec<AdamW> = separate
+            .iter()
+            .map(|t| AdamW::new(vec![("p".into(), t.shallow_clone())], cfg))
+            .collect();
+        assert!(singles.iter().all(|o| o.flat.is_none()));
+        for _ in 0..4 {
+            cubic_step(&mut opt, &model);
+            for (o, t) in singles.iter_mut().zip(&separate) {
+                cubic_step(o, std::slice::from_ref(t));
+            }
+        }
+        for (m, s) in model.iter().zip(&separate) {
+            assert!(m.requires_grad() && m.is_leaf());
+            assert_eq!(m.size(), s.size());
+            let (m, s) = (
+                Vec::<f32>::try_from(m.reshape([-1])).unwrap(),
+                Vec::<f32>::try_from(s.reshape([-1])).unwrap(),
+            );
+            assert_eq!(m, s);
+        }
+        // The global norm over the flat gradient equals the per-tensor sum.
+        let by_hand: f64 = model
+            .iter()
+            .map(|p| {
+                f64::try_from(p.grad().to_kind(Kind::Double).square().sum(Kind::Double)).unwrap()
+            })
+            .sum::<f64>()
+            .sqrt();
+        assert!((opt.grad_norm() - by_hand).abs() < 1e-9 * by_hand);
+    }
+
+    #[test]
+    fn a_parameter_without_gradient_keeps_its_value_and_state() {
+        let params = two_leaves();
+        let (a, b) = (params[0].1.shallow_clone(), params[1].1.shallow_clone());
+        let mut opt = AdamW::new(params, AdamWConfig::default());
+        let before = Vec::<f32>::try_from(&b).unwrap();
+        opt.zero_grad();
+        a.pow_tensor_scalar(3).sum(Kind::Float).backward();
+        opt.step(0.1);
+        assert_eq!(Vec::<f32>::try_from(&b).unwrap(), before);
+        let state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        assert_eq!(
+            f64::try_from(state["exp_avg.b"].abs().sum(Kind::Double)).unwrap(),
+            0.0
+        );
+        assert!(f64::try_from(state["exp_avg.a"].abs().sum(Kind::Double)).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn flat_state_round_trips_into_a_new_optimiser() {
+        let run = |split: bool| -> Vec<Vec<f32>> {
+            let params = two_leaves();
+            let model: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+            let mut opt = AdamW::new(params, AdamWConfig::default());
+            for _ in 0..2 {
+                cubic_step(&mut opt, &model);
+            }
+            let model = if split {
+                let state = opt.state_tensors();
+                let copies: Vec<(String, Tensor)> = ["a", "b"]
+                    .iter()
+                    .zip(&model)
+                    .map(|(n, t)| (n.to_string(), t.detach().copy().set_requires_grad(true)))
+                    .collect();
+                let fresh: Vec<Tensor> = copies.iter().map(|(_, t)| t.shallow_clone()).collect();
+                opt = AdamW::new(copies, AdamWConfig::default());
+                opt.load_state(state, 2).unwrap();
+                fresh
+            } else {
+                model
+            };
+            for _ in 0..2 {
+                cubic_step(&mut opt, &model);
+            }
+            model
+                .iter()
+                .map(|t| Vec::<f32>::try_from(t.reshape([-1])).unwrap())
+                .collect()
         };
         assert_eq!(run(false), run(true));
     }
