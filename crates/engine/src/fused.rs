@@ -22,9 +22,10 @@
 //! autograd path.
 
 use crate::error::{EngineError, Result};
+use crate::kernels;
 use crate::lora::LoraLayer;
 use crate::model::LlamaModel;
-use crate::nn::{Linear, RmsNorm};
+use crate::nn::Linear;
 use tch::{Device, Kind, Tensor};
 
 /// What the forward keeps for the backward of projections that read the
@@ -85,30 +86,6 @@ impl std::fmt::Debug for FusedTape {
             .field("seq", &self.t)
             .field("layers", &self.layers.len())
             .finish()
-    }
-}
-
-/// `(x · r, r)` with `r = 1 / sqrt(mean(x²) + eps)` over the last dimension.
-fn rms_forward(x: &Tensor, eps: f64) -> (Tensor, Tensor) {
-    let r = (x.square().mean_dim(&[-1i64][..], true, x.kind()) + eps).rsqrt();
-    (x * &r, r)
-}
-
-/// Gradient of `w ⊙ xn` (`xn = x·r`) with respect to `x`, added to `acc`
-/// when given: `acc + r · (t − xn · mean(t ⊙ xn))` with `t = dh ⊙ w`.
-fn rms_backward(
-    acc: Option<&Tensor>,
-    dh: &Tensor,
-    norm: &RmsNorm,
-    xn: &Tensor,
-    r: &Tensor,
-) -> Tensor {
-    let mut t = dh * &norm.weight;
-    let c = (&t * xn).mean_dim(&[-1i64][..], true, t.kind());
-    let _ = t.addcmul_(xn, &c.neg());
-    match acc {
-        Some(acc) => acc.addcmul(&t, r),
-        None => t.g_mul_(r),
     }
 }
 
@@ -419,8 +396,8 @@ impl LlamaModel {
             let mut layers = Vec::with_capacity(self.layers.len());
             for layer in &self.layers {
                 let at = &layer.self_attn;
-                let (xn1, r1) = rms_forward(&x, layer.input_layernorm.eps);
-                let h1 = &xn1 * &layer.input_layernorm.weight;
+                let n1 = &layer.input_layernorm;
+                let (xn1, r1, h1) = kernels::rms_norm_forward(&x, &n1.weight, n1.eps)?;
                 let (qkv, lqkv) = group_forward(&[&at.q_proj, &at.k_proj, &at.v_proj], &h1, train);
                 let [q, k, v]: [Tensor; 3] = qkv.try_into().expect("three projections");
                 let q = rope_forward(&q.view([b, t, nh, d]), &cos, &sin, d);
@@ -434,12 +411,12 @@ impl LlamaModel {
                 let mut o = single(o);
                 let _ = o.g_add_(&x);
                 let x2 = o;
-                let (xn2, r2) = rms_forward(&x2, layer.post_attention_layernorm.eps);
-                let h2 = &xn2 * &layer.post_attention_layernorm.weight;
+                let n2 = &layer.post_attention_layernorm;
+                let (xn2, r2, h2) = kernels::rms_norm_forward(&x2, &n2.weight, n2.eps)?;
                 let m = &layer.mlp;
                 let (gu, lgu) = group_forward(&[&m.gate_proj, &m.up_proj], &h2, train);
                 let [gate, up]: [Tensor; 2] = gu.try_into().expect("two projections");
-                let act = gate.silu() * &up;
+                let act = kernels::swiglu_forward(&gate, &up)?;
                 let (y, ld) = group_forward(&[&m.down_proj], &act, train);
                 let mut y = single(y);
                 let _ = y.g_add_(&x2);
@@ -466,8 +443,9 @@ impl LlamaModel {
                     ld,
                 });
             }
-            let (xn_final, r_final) = rms_forward(&x, self.norm.eps);
-            let hidden = (&xn_final * &self.norm.weight).view([b, t, h]);
+            let (xn_final, r_final, hidden) =
+                kernels::rms_norm_forward(&x, &self.norm.weight, self.norm.eps)?;
+            let hidden = hidden.view([b, t, h]);
             Ok((
                 hidden,
                 FusedTape {
@@ -505,7 +483,8 @@ impl LlamaModel {
                 pending: Vec::new(),
             };
             let dh = d_hidden.reshape([n, h]);
-            let mut dy = rms_backward(None, &dh, &self.norm, &xn_final, &r_final);
+            let mut dy =
+                kernels::rms_norm_backward(None, &dh, &self.norm.weight, &xn_final, &r_final)?;
             for (l, (layer, s)) in self.layers.iter().zip(layers).enumerate().rev() {
                 let m = &layer.mlp;
                 // down_proj: d(act).
@@ -513,8 +492,7 @@ impl LlamaModel {
                     group_backward(&[&m.down_proj], &s.ld, &s.act, &[&dy], true, &mut grads)
                         .expect("input gradient");
                 // SwiGLU: act = silu(gate) · up.
-                let d_up = &d_act * s.gate.silu();
-                let d_gate = s.gate.silu_backward(&(&d_act * &s.up));
+                let (d_gate, d_up) = kernels::swiglu_backward(&d_act, &s.gate, &s.up)?;
                 drop(d_act);
                 let dh2 = group_backward(
                     &[&m.gate_proj, &m.up_proj],
@@ -526,13 +504,13 @@ impl LlamaModel {
                 )
                 .expect("input gradient");
                 drop((d_gate, d_up));
-                let dx2 = rms_backward(
+                let dx2 = kernels::rms_norm_backward(
                     Some(&dy),
                     &dh2,
-                    &layer.post_attention_layernorm,
+                    &layer.post_attention_layernorm.weight,
                     &s.xn2,
                     &s.r2,
-                );
+                )?;
                 drop(dh2);
                 // o_proj.
                 let at = &layer.self_attn;
@@ -562,11 +540,17 @@ impl LlamaModel {
                     &mut grads,
                 );
                 if let Some(dh1) = dh1 {
-                    dy = rms_backward(Some(&dx2), &dh1, &layer.input_layernorm, &s.xn1, &s.r1);
+                    dy = kernels::rms_norm_backward(
+                        Some(&dx2),
+                        &dh1,
+                        &layer.input_layernorm.weight,
+                        &s.xn1,
+                        &s.r1,
+                    )?;
                 }
             }
-            grads
-        });
+            Ok::<_, EngineError>(grads)
+        })?;
         // Outside no_grad: the first gradients go through autograd.
         grads.finish();
         Ok(())

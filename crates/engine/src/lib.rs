@@ -8,7 +8,8 @@
 //! (tokenizer.json, special tokens, chat template), [`generate`] (sampling),
 //! [`decode`] (the one-token decode step of one sequence on the CPU),
 //! [`gguf`] (GGUF reader, dequantisation), [`gguf_import`] (GGUF → HF folder),
-//! [`hub`] (model names: local folders and the Hugging Face cache).
+//! [`hub`] (model names: local folders and the Hugging Face cache), [`kernels`]
+//! (fused elementwise kernels of the training pass, on libtorch's OpenMP team).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))] // Tests may unwrap; library code may not.
 
@@ -20,6 +21,7 @@ pub mod generate;
 pub mod gguf;
 pub mod gguf_import;
 pub mod hub;
+pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod nn;
