@@ -19,6 +19,7 @@
 use tch::{Kind, Tensor};
 
 use crate::batch::IGNORE_INDEX;
+use crate::error::{Result, TrainError};
 
 /// Default elements per logits chunk (rows × vocab): 8 Mi floats = 32 MiB.
 pub const DEFAULT_CHUNK_ELEMENTS: i64 = 8 << 20;
@@ -64,13 +65,13 @@ pub fn chunked_cross_entropy(
     norm: f64,
     backward: bool,
     chunk_elements: i64,
-) -> LossStats {
-    let (stats, grad) = loss_and_grad(hidden, weight, targets, norm, backward, chunk_elements);
+) -> Result<LossStats> {
+    let (stats, grad) = loss_and_grad(hidden, weight, targets, norm, backward, chunk_elements)?;
     if let Some(RowGrad { h, g, .. }) = grad {
         // Σ h ⊙ g has gradient g with respect to h.
         (&h * &g).sum(Kind::Float).backward();
     }
-    stats
+    Ok(stats)
 }
 
 /// [`chunked_cross_entropy`] for a pass that back-propagates by hand: the
@@ -82,8 +83,8 @@ pub fn chunked_cross_entropy_grad(
     targets: &Tensor,
     norm: f64,
     chunk_elements: i64,
-) -> (LossStats, Option<Tensor>) {
-    let (stats, grad) = loss_and_grad(hidden, weight, targets, norm, true, chunk_elements);
+) -> Result<(LossStats, Option<Tensor>)> {
+    let (stats, grad) = loss_and_grad(hidden, weight, targets, norm, true, chunk_elements)?;
     let full = grad.map(|RowGrad { g, rows, .. }| match rows {
         None => g.view(hidden.size().as_slice()),
         Some(idx) => {
@@ -93,7 +94,7 @@ pub fn chunked_cross_entropy_grad(
                 .view(hidden.size().as_slice())
         }
     });
-    (stats, full)
+    Ok((stats, full))
 }
 
 /// The rows of `hidden` the loss read and their gradient.
@@ -115,14 +116,14 @@ fn loss_and_grad(
     norm: f64,
     backward: bool,
     chunk_elements: i64,
-) -> (LossStats, Option<RowGrad>) {
+) -> Result<(LossStats, Option<RowGrad>)> {
     let h_dim = hidden.size()[hidden.dim() - 1];
     let vocab = weight.size()[0];
     let flat_t = targets.reshape([-1]);
     let valid = flat_t.ne(IGNORE_INDEX);
     let n = valid.sum(Kind::Int64).int64_value(&[]);
     if n == 0 {
-        return (LossStats::default(), None);
+        return Ok((LossStats::default(), None));
     }
     let flat_h = hidden.reshape([-1, h_dim]);
     let rows_total = flat_h.size()[0];
@@ -149,7 +150,7 @@ fn loss_and_grad(
         ..Default::default()
     };
     let mut grads = Vec::new();
-    tch::no_grad(|| {
+    tch::no_grad(|| -> Result<()> {
         let hd = h.detach();
         let w = weight.detach();
         let mut start = 0;
@@ -162,6 +163,24 @@ fn loss_and_grad(
             let mut logits = hc.matmul(&w.tr());
             if logits.kind() != Kind::Float && logits.kind() != Kind::Double {
                 logits = logits.to_kind(Kind::Float);
+            }
+            if logits.kind() == Kind::Float && logits.device() == tch::Device::Cpu {
+                // One pass over each row in cache (lora_engine::kernels):
+                // loss, accuracy and the scaled softmax − onehot in place.
+                let tv = Vec::<i64>::try_from(t.narrow(0, start, len).contiguous())
+                    .map_err(|e| TrainError::Engine(format!("targets: {e}")))?;
+                let (loss, correct) = lora_engine::kernels::cross_entropy_rows(
+                    &logits,
+                    &tv,
+                    backward.then_some((1.0 / norm) as f32),
+                )?;
+                stats.loss_sum += loss;
+                stats.n_correct += correct;
+                if backward {
+                    grads.push(logits.matmul(&w).to_kind(hd.kind()));
+                }
+                start += len;
+                continue;
             }
             // One max, one in-place exp(logits − max), one sum: the log-sum-
             // exp, the loss and (when backward) the softmax share the passes
@@ -208,19 +227,23 @@ fn loss_and_grad(
             }
             start += len;
         }
-    });
+        Ok(())
+    })?;
     if backward {
-        let g = Tensor::cat(&grads, 0);
-        return (
+        let g = match grads.len() {
+            1 => grads.remove(0),
+            _ => Tensor::cat(&grads, 0),
+        };
+        return Ok((
             stats,
             Some(RowGrad {
                 h,
                 g,
                 rows: gathered,
             }),
-        );
+        ));
     }
-    (stats, None)
+    Ok((stats, None))
 }
 
 #[cfg(test)]
@@ -254,7 +277,8 @@ mod tests {
             .int64_value(&[]);
 
         let hidden = x.matmul(&proj);
-        let stats = chunked_cross_entropy(&hidden, &w, &targets, n as f64, true, chunk_elements);
+        let stats =
+            chunked_cross_entropy(&hidden, &w, &targets, n as f64, true, chunk_elements).unwrap();
         assert_eq!(stats.n_targets, n);
         assert_eq!(stats.n_correct, ref_correct);
         assert!((stats.mean() - reference.double_value(&[])).abs() < 1e-12);
@@ -297,8 +321,9 @@ mod tests {
             let hidden = Tensor::randn([2, 10, 8], opts).set_requires_grad(true);
             let w = Tensor::randn([11, 8], opts);
             let targets = Tensor::from_slice(t).reshape([2, 10]);
-            let a = chunked_cross_entropy(&hidden, &w, &targets, 5.0, true, 33);
-            let (b, g) = chunked_cross_entropy_grad(&hidden.detach(), &w, &targets, 5.0, 33);
+            let a = chunked_cross_entropy(&hidden, &w, &targets, 5.0, true, 33).unwrap();
+            let (b, g) =
+                chunked_cross_entropy_grad(&hidden.detach(), &w, &targets, 5.0, 33).unwrap();
             assert_eq!(a, b);
             let g = g.unwrap();
             assert_eq!(g.size(), hidden.size());
@@ -308,11 +333,47 @@ mod tests {
     }
 
     #[test]
+    fn the_f32_kernel_path_equals_the_f64_operator_path() {
+        // f32 logits take lora_engine::kernels::cross_entropy_rows; the same
+        // data in f64 takes the operator chain. Dense (masked) and gathered
+        // rows, several chunks and one.
+        let dense = [
+            3, 1, 4, 10, 0, 9, 2, 7, 1, -100, 5, 5, 6, 3, 9, 8, 4, 6, 1, -100,
+        ];
+        let sparse = [
+            3, -100, 4, 10, -100, 9, 2, -100, 1, -100, 5, -100, 6, 3, -100, 8, 4, -100, 1, 0,
+        ];
+        for t in [&dense, &sparse] {
+            for chunk in [33, 1 << 20] {
+                tch::manual_seed(2);
+                let h64 = Tensor::randn([2, 10, 8], (Kind::Double, Device::Cpu));
+                let w64 = Tensor::randn([11, 8], (Kind::Double, Device::Cpu));
+                let targets = Tensor::from_slice(t).reshape([2, 10]);
+                let (s64, g64) =
+                    chunked_cross_entropy_grad(&h64, &w64, &targets, 7.0, chunk).unwrap();
+                let (h32, w32) = (h64.to_kind(Kind::Float), w64.to_kind(Kind::Float));
+                let (s32, g32) =
+                    chunked_cross_entropy_grad(&h32, &w32, &targets, 7.0, chunk).unwrap();
+                assert_eq!(s32.n_targets, s64.n_targets);
+                assert_eq!(s32.n_correct, s64.n_correct);
+                assert!((s32.loss_sum - s64.loss_sum).abs() < 1e-5 * s64.loss_sum.abs());
+                let (g32, g64) = (g32.unwrap(), g64.unwrap());
+                let scale = g64.abs().max().double_value(&[]);
+                let d = (g32.to_kind(Kind::Double) - &g64)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(d < 1e-5 * scale, "gradient differs by {d} (scale {scale})");
+            }
+        }
+    }
+
+    #[test]
     fn no_targets_means_no_work() {
         let h = Tensor::zeros([1, 3, 4], (Kind::Float, Device::Cpu));
         let w = Tensor::zeros([5, 4], (Kind::Float, Device::Cpu));
         let t = Tensor::full([1, 3], IGNORE_INDEX, (Kind::Int64, Device::Cpu));
-        let s = chunked_cross_entropy(&h, &w, &t, 1.0, false, 100);
+        let s = chunked_cross_entropy(&h, &w, &t, 1.0, false, 100).unwrap();
         assert_eq!(s, LossStats::default());
     }
 }

@@ -68,7 +68,7 @@ pub fn accumulate_gradients(
             norm,
             true,
             chunk_elements,
-        ));
+        )?);
         drop(hidden);
         model.finish_backward()?;
     }
@@ -92,7 +92,7 @@ pub fn evaluate_batches(
             1.0,
             false,
             chunk_elements,
-        ));
+        )?);
     }
     Ok(stats)
 }
@@ -215,7 +215,8 @@ pub(crate) mod tests {
                 2.0 * b.n_targets as f64,
                 true,
                 1 << 20,
-            );
+            )
+            .unwrap();
         }
         let d = (full.a.grad() - naive.a.grad())
             .abs()

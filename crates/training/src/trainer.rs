@@ -296,7 +296,7 @@ impl TrainableModel for EngineModel<'_> {
             &batch.targets.to_device(device),
             norm,
             chunk_elements,
-        );
+        )?;
         drop(hidden);
         if let Some(g) = grad {
             self.model.fused_backward(tape, &g)?;
