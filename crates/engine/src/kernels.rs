@@ -86,10 +86,12 @@ pub fn parallel_rows(rows: usize, work_per_row: usize, f: &(dyn Fn(usize, usize)
         f(0, rows);
         return;
     }
+    type Panic = Box<dyn std::any::Any + Send>;
     struct Job<'a> {
         rows: usize,
         f: &'a (dyn Fn(usize, usize) + Sync),
         g: &'a Gomp,
+        panic: std::sync::Mutex<Option<Panic>>,
     }
     unsafe extern "C" fn body(data: *mut c_void) {
         // SAFETY: `data` is the `Job` below, alive until GOMP_parallel
@@ -102,16 +104,31 @@ pub fn parallel_rows(rows: usize, work_per_row: usize, f: &(dyn Fn(usize, usize)
         let start = (id * per).min(job.rows);
         let end = (start + per).min(job.rows);
         if start < end {
-            // A panic must not unwind into C.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.f)(start, end)));
+            // A panic must not unwind into C: it is kept and resumed on the
+            // calling thread once the team has joined.
+            if let Err(p) =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.f)(start, end)))
+            {
+                let mut slot = job.panic.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert(p);
+            }
         }
     }
-    let job = Job { rows, f, g };
+    let job = Job {
+        rows,
+        f,
+        g,
+        panic: std::sync::Mutex::new(None),
+    };
     // SAFETY: `body` has the outlined-function signature GOMP_parallel
     // expects; `job` outlives the call; threads = 0 asks for the team size
     // libtorch set (`omp_set_num_threads`), flags = 0.
     unsafe {
         (g.parallel)(body, &job as *const Job<'_> as *mut c_void, 0, 0);
+    }
+    let panic = job.panic.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = panic {
+        std::panic::resume_unwind(p);
     }
 }
 
@@ -700,6 +717,11 @@ mod tests {
             }
         });
         assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1));
+        // A panic in a worker's rows reaches the caller instead of leaving
+        // rows unwritten.
+        let caught =
+            std::panic::catch_unwind(|| parallel_rows(1000, 1000, &|a, b| panic!("rows {a}..{b}")));
+        assert!(caught.is_err());
         assert!(gomp().is_some(), "libtorch's libgomp is loaded in tests");
     }
 }
