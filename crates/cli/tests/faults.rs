@@ -6,7 +6,8 @@
 //! end with the uninterrupted run's result (same trials, losses, adapter
 //! hashes, best trial and exported file); a full disk (a file-size limit, so
 //! writes fail with an OS error) is reported cleanly and the experiment
-//! resumes afterwards.
+//! resumes afterwards; runs making the `--model tiny` model at the same time
+//! do not break each other's.
 //!
 //! Needs the tokenizer of the default model (`cargo xtask setup`, which CI runs).
 
@@ -290,6 +291,20 @@ fn kill_9_during_a_trial_during_storing_and_during_the_merge_then_resume_with_re
 
 #[test]
 fn a_full_disk_is_reported_cleanly_and_the_experiment_resumes() {
+    // `--model tiny` makes its 13 MB model in the user's cache on first use:
+    // make it (a dry run elsewhere) before the limit, which it would not fit.
+    let scratch = tempfile::tempdir().unwrap();
+    write_experiment(scratch.path());
+    let prep = Command::new(BIN)
+        .current_dir(scratch.path())
+        .args(["run", "experiment.yaml", "--model", "tiny", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(
+        prep.status.success(),
+        "{}",
+        String::from_utf8_lossy(&prep.stderr)
+    );
     let work = tempfile::tempdir().unwrap();
     let d = work.path();
     write_experiment(d);
@@ -332,4 +347,76 @@ fn a_full_disk_is_reported_cleanly_and_the_experiment_resumes() {
     assert_eq!(count(&ev, "trained"), 2, "{ev:?}");
     assert_eq!(count(&ev, "merged"), 1, "{ev:?}");
     assert_eq!(count(&ev, "finished"), 1, "{ev:?}");
+}
+
+/// The user's cache folder the binary uses (`XDG_CACHE_HOME`, else `~/.cache`).
+fn user_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|x| !x.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
+}
+
+#[test]
+fn runs_making_the_tiny_model_at_once_all_get_the_whole_model() {
+    // A cache of its own holding only the default model's tokenizer and config,
+    // so the tiny model is made here, by four processes at once.
+    let cache = tempfile::tempdir().unwrap();
+    let src = user_cache().join("lora-trainer/models/SmolLM2-135M-Instruct");
+    let base = cache
+        .path()
+        .join("lora-trainer/models/SmolLM2-135M-Instruct");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        if src.join(f).is_file() {
+            std::fs::copy(src.join(f), base.join(f)).unwrap();
+        }
+    }
+    let work = tempfile::tempdir().unwrap();
+    write_experiment(work.path());
+    let children: Vec<Child> = (0..4)
+        .map(|_| {
+            Command::new(BIN)
+                .current_dir(work.path())
+                .env("XDG_CACHE_HOME", cache.path())
+                .args(["run", "experiment.yaml", "--model", "tiny", "--dry-run"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let models = cache.path().join("lora-trainer/models");
+    let mut names: Vec<String> = std::fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["SmolLM2-135M-Instruct", "tiny-random-llama"],
+        "one model folder and no staging folders left behind"
+    );
+    let tiny = models.join("tiny-random-llama");
+    let bytes = std::fs::read(tiny.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.tensor("model.embed_tokens.weight").is_ok());
+    assert!(tiny.join("config.json").is_file() && tiny.join("tokenizer.json").is_file());
+    // The model is a fixed-seed one: the same bytes as the user's cache's (when made).
+    let theirs = user_cache().join("lora-trainer/models/tiny-random-llama/model.safetensors");
+    if theirs.is_file() {
+        assert!(
+            std::fs::read(theirs).unwrap() == bytes,
+            "same seed, same model"
+        );
+    }
 }

@@ -398,9 +398,14 @@ mod tiny {
         let vocab = base["vocab_size"]
             .as_u64()
             .context("vocab_size in config.json")? as usize;
-        let tmp = cache.join("models").join(".tiny-random-llama.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp)?;
+        // A temp folder of this process's own: two runs making the model at once
+        // (parallel tests, two terminals) must not delete each other's files.
+        // It is removed on every early return.
+        std::fs::create_dir_all(cache.join("models"))?;
+        let staging = tempfile::Builder::new()
+            .prefix(".tiny-random-llama.")
+            .tempdir_in(cache.join("models"))?;
+        let tmp = staging.path();
         for f in [
             "tokenizer.json",
             "tokenizer_config.json",
@@ -477,8 +482,21 @@ mod tiny {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let bytes = safetensors::serialize(views, None)?;
         lora_skill::fs::write_atomic(&tmp.join("model.safetensors"), &bytes)?;
+        if dir.join("model.safetensors").is_file() {
+            // Another process finished first; its model is the same one (fixed seed).
+            return Ok(dir);
+        }
+        // A folder left without its weights (a run killed mid-way before the
+        // model was published whole) is not a model: replace it.
         let _ = std::fs::remove_dir_all(&dir);
-        lora_skill::fs::publish_dir(&tmp, &dir)?;
-        Ok(dir)
+        match lora_skill::fs::publish_dir(tmp, &dir) {
+            Ok(()) => {
+                // Renamed away: nothing is left for the TempDir to delete.
+                let _ = staging.keep();
+                Ok(dir)
+            }
+            Err(_) if dir.join("model.safetensors").is_file() => Ok(dir),
+            Err(e) => Err(e.into()),
+        }
     }
 }
