@@ -486,9 +486,12 @@ mod tiny {
             // Another process finished first; its model is the same one (fixed seed).
             return Ok(dir);
         }
-        // A folder left without its weights (a run killed mid-way before the
-        // model was published whole) is not a model: replace it.
-        let _ = std::fs::remove_dir_all(&dir);
+        // A folder without its weights (files deleted by hand) is not a model:
+        // replace it. A missing folder is left alone, so a model another process
+        // publishes meanwhile is never deleted here.
+        if dir.is_dir() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         match lora_skill::fs::publish_dir(tmp, &dir) {
             Ok(()) => {
                 // Renamed away: nothing is left for the TempDir to delete.
