@@ -21,9 +21,11 @@
 //! else (packed rows, bf16, CUDA, activation checkpointing) takes the
 //! autograd path.
 
+use crate::attention;
 use crate::error::{EngineError, Result};
 use crate::kernels;
 use crate::lora::LoraLayer;
+use crate::matmul;
 use crate::model::LlamaModel;
 use crate::nn::Linear;
 use tch::{Device, Kind, Tensor};
@@ -92,14 +94,14 @@ impl std::fmt::Debug for FusedTape {
 /// `x Wᵀ (+ b) + scale · B(A(x))` of each projection in `lins` (all reading
 /// rows `x` `[N, in]`). The adapters' down-projections are one GEMM; each
 /// up-projection is added to its output by `addmm_`.
-fn group_forward(lins: &[&Linear], x: &Tensor, train: bool) -> (Vec<Tensor>, SavedGroup) {
+fn group_forward(lins: &[&Linear], x: &Tensor, train: bool) -> Result<(Vec<Tensor>, SavedGroup)> {
     let mut outs: Vec<Tensor> = lins
         .iter()
         .map(|lin| match &lin.bias {
-            Some(b) => b.addmm(x, &lin.weight.tr()),
-            None => x.mm(&lin.weight.tr()),
+            Some(b) => matmul::addmm(b, x, &lin.weight.tr()),
+            None => matmul::mm(x, &lin.weight.tr()),
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let mut slots = Vec::with_capacity(lins.len());
     let mut scaled = Vec::new();
     let mut off = 0;
@@ -115,7 +117,7 @@ fn group_forward(lins: &[&Linear], x: &Tensor, train: bool) -> (Vec<Tensor>, Sav
         }
     }
     if scaled.is_empty() {
-        return (
+        return Ok((
             outs,
             SavedGroup {
                 downs: None,
@@ -123,7 +125,7 @@ fn group_forward(lins: &[&Linear], x: &Tensor, train: bool) -> (Vec<Tensor>, Sav
                 slots,
                 masks: None,
             },
-        );
+        ));
     }
     let scaled_a = Tensor::cat(&scaled, 0);
     let dropping = |l: &LoraLayer| train && l.dropout > 0.0;
@@ -141,23 +143,23 @@ fn group_forward(lins: &[&Linear], x: &Tensor, train: bool) -> (Vec<Tensor>, Sav
             let out = downs.narrow(1, *o, *r);
             if dropping(l) {
                 let m = x.ones_like().dropout(l.dropout, true);
-                let _ = (x * &m).mm_out(&out, &a.tr());
+                matmul::mm_into(&out, &(x * &m), &a.tr(), false)?;
                 masks.push(Some(m));
             } else {
-                let _ = x.mm_out(&out, &a.tr());
+                matmul::mm_into(&out, x, &a.tr(), false)?;
                 masks.push(None);
             }
         }
         (downs, Some(masks))
     } else {
-        (x.mm(&scaled_a.tr()), None)
+        (matmul::mm(x, &scaled_a.tr())?, None)
     };
     for ((lin, out), slot) in lins.iter().zip(&mut outs).zip(&slots) {
         if let (Some(l), Some((o, r))) = (active(lin), slot) {
-            let _ = out.addmm_(&downs.narrow(1, *o, *r), &l.b.tr());
+            matmul::mm_into(out, &downs.narrow(1, *o, *r), &l.b.tr(), true)?;
         }
     }
-    (
+    Ok((
         outs,
         SavedGroup {
             downs: Some(downs),
@@ -165,7 +167,7 @@ fn group_forward(lins: &[&Linear], x: &Tensor, train: bool) -> (Vec<Tensor>, Sav
             slots,
             masks,
         },
-    )
+    ))
 }
 
 /// The one output of a one-member group.
@@ -227,16 +229,16 @@ fn group_backward(
     dys: &[&Tensor],
     need_input: bool,
     grads: &mut Grads,
-) -> Option<Tensor> {
+) -> Result<Option<Tensor>> {
     let mut dx: Option<Tensor> = None;
     if need_input {
         for (lin, dy) in lins.iter().zip(dys) {
             dx = Some(match dx {
-                Some(mut acc) => {
-                    let _ = acc.addmm_(dy, &lin.weight);
+                Some(acc) => {
+                    matmul::mm_into(&acc, dy, &lin.weight, true)?;
                     acc
                 }
-                None => dy.mm(&lin.weight),
+                None => matmul::mm(dy, &lin.weight)?,
             });
         }
     }
@@ -248,22 +250,22 @@ fn group_backward(
                 // out += downᵢ Bᵢᵀ: ∂Bᵢ = dyᵢᵀ downᵢ, made as its transpose
                 // (a [r, out] result: several times faster in MKL than the
                 // thin [out, r] one).
-                let d_bt = downs.narrow(1, *o, *r).tr().mm(dy);
+                let d_bt = matmul::mm(&downs.narrow(1, *o, *r).tr(), dy)?;
                 grads.add(&l.b, d_bt.tr());
-                let _ = dy.mm_out(&d_downs.narrow(1, *o, *r), &l.b);
+                matmul::mm_into(&d_downs.narrow(1, *o, *r), dy, &l.b, false)?;
             }
         }
         match &saved.masks {
             None => {
                 // downs = x (scale·A)ᵀ: ∂Aᵢ = scaleᵢ · d(downᵢ)ᵀ x.
-                let d_a = d_downs.tr().mm(x);
+                let d_a = matmul::mm(&d_downs.tr(), x)?;
                 for (lin, slot) in lins.iter().zip(&saved.slots) {
                     if let (Some(l), Some((o, r))) = (active(lin), slot) {
                         grads.add(&l.a, d_a.narrow(0, *o, *r) * l.scale);
                     }
                 }
-                if let Some(acc) = dx.as_mut() {
-                    let _ = acc.addmm_(&d_downs, scaled_a);
+                if let Some(acc) = &dx {
+                    matmul::mm_into(acc, &d_downs, scaled_a, true)?;
                 }
             }
             Some(masks) => {
@@ -279,18 +281,20 @@ fn group_backward(
                         Some(m) => x * m,
                         None => x.shallow_clone(),
                     };
-                    grads.add(&l.a, d_down.tr().mm(&input) * l.scale);
+                    grads.add(&l.a, matmul::mm(&d_down.tr(), &input)? * l.scale);
                     if let Some(acc) = dx.as_mut() {
-                        let _ = match mask {
-                            Some(m) => acc.addcmul_(&d_down.mm(&a), m),
-                            None => acc.addmm_(&d_down, &a),
-                        };
+                        match mask {
+                            Some(m) => {
+                                let _ = acc.addcmul_(&matmul::mm(&d_down, &a)?, m);
+                            }
+                            None => matmul::mm_into(acc, &d_down, &a, true)?,
+                        }
                     }
                 }
             }
         }
     }
-    dx
+    Ok(dx)
 }
 
 /// Rotary embedding of `x` `[B, T, heads, d]` (a view of the projection's
@@ -394,30 +398,38 @@ impl LlamaModel {
             let (cos, sin) = self.rope_tables(&positions);
             let mut x = self.embed(input_ids).reshape([n, h]);
             let mut layers = Vec::with_capacity(self.layers.len());
+            let native_attention = matmul::backend() == matmul::Backend::Native;
             for layer in &self.layers {
                 let at = &layer.self_attn;
                 let n1 = &layer.input_layernorm;
                 let (xn1, r1, h1) = kernels::rms_norm_forward(&x, &n1.weight, n1.eps)?;
-                let (qkv, lqkv) = group_forward(&[&at.q_proj, &at.k_proj, &at.v_proj], &h1, train);
+                let (qkv, lqkv) = group_forward(&[&at.q_proj, &at.k_proj, &at.v_proj], &h1, train)?;
                 let [q, k, v]: [Tensor; 3] = qkv.try_into().expect("three projections");
                 let q = rope_forward(&q.view([b, t, nh, d]), &cos, &sin, d);
                 let k = rope_forward(&k.view([b, t, nkv, d]), &cos, &sin, d);
                 let v = v.view([b, t, nkv, d]).transpose(1, 2);
-                let (out, lse) = Tensor::internal_scaled_dot_product_flash_attention_for_cpu::<
-                    Tensor,
-                >(&q, &k, &v, 0.0, true, None, None);
-                let attn = out.transpose(1, 2).reshape([n, nh * d]);
-                let (o, lo) = group_forward(&[&at.o_proj], &attn, train);
+                let (out, lse, attn) = if native_attention {
+                    // The output rows are the attention's own layout.
+                    let (rows, lse) = attention::causal_forward(&q, &k, &v)?;
+                    (rows.shallow_clone(), lse, rows)
+                } else {
+                    let (out, lse) = Tensor::internal_scaled_dot_product_flash_attention_for_cpu::<
+                        Tensor,
+                    >(&q, &k, &v, 0.0, true, None, None);
+                    let attn = out.transpose(1, 2).reshape([n, nh * d]);
+                    (out, lse, attn)
+                };
+                let (o, lo) = group_forward(&[&at.o_proj], &attn, train)?;
                 let mut o = single(o);
                 let _ = o.g_add_(&x);
                 let x2 = o;
                 let n2 = &layer.post_attention_layernorm;
                 let (xn2, r2, h2) = kernels::rms_norm_forward(&x2, &n2.weight, n2.eps)?;
                 let m = &layer.mlp;
-                let (gu, lgu) = group_forward(&[&m.gate_proj, &m.up_proj], &h2, train);
+                let (gu, lgu) = group_forward(&[&m.gate_proj, &m.up_proj], &h2, train)?;
                 let [gate, up]: [Tensor; 2] = gu.try_into().expect("two projections");
                 let act = kernels::swiglu_forward(&gate, &up)?;
-                let (y, ld) = group_forward(&[&m.down_proj], &act, train);
+                let (y, ld) = group_forward(&[&m.down_proj], &act, train)?;
                 let mut y = single(y);
                 let _ = y.g_add_(&x2);
                 x = y;
@@ -478,6 +490,7 @@ impl LlamaModel {
         let (nh, nkv, d) = (c.num_heads as i64, c.num_kv_heads as i64, c.head_dim as i64);
         let h = c.hidden_size as i64;
         let n = b * t;
+        let native_attention = matmul::backend() == matmul::Backend::Native;
         let grads = tch::no_grad(|| {
             let mut grads = Grads {
                 pending: Vec::new(),
@@ -489,8 +502,8 @@ impl LlamaModel {
                 let m = &layer.mlp;
                 // down_proj: d(act).
                 let d_act =
-                    group_backward(&[&m.down_proj], &s.ld, &s.act, &[&dy], true, &mut grads)
-                        .expect("input gradient");
+                    group_backward(&[&m.down_proj], &s.ld, &s.act, &[&dy], true, &mut grads)?
+                        .ok_or_else(|| EngineError::invalid("model", "no input gradient"))?;
                 // SwiGLU: act = silu(gate) · up.
                 let (d_gate, d_up) = kernels::swiglu_backward(&d_act, &s.gate, &s.up)?;
                 drop(d_act);
@@ -501,8 +514,8 @@ impl LlamaModel {
                     &[&d_gate, &d_up],
                     true,
                     &mut grads,
-                )
-                .expect("input gradient");
+                )?
+                .ok_or_else(|| EngineError::invalid("model", "no input gradient"))?;
                 drop((d_gate, d_up));
                 let dx2 = kernels::rms_norm_backward(
                     Some(&dy),
@@ -515,20 +528,32 @@ impl LlamaModel {
                 // o_proj.
                 let at = &layer.self_attn;
                 let d_attn =
-                    group_backward(&[&at.o_proj], &s.lo, &s.attn, &[&dx2], true, &mut grads)
-                        .expect("input gradient");
-                let d_out = d_attn.view([b, t, nh, d]).transpose(1, 2);
-                let (dq, dk, dv) =
-                    Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward::<Tensor>(
-                        &d_out, &s.q, &s.k, &s.v, &s.out, &s.lse, 0.0, true, None, None,
-                    );
-                drop((d_out, d_attn));
+                    group_backward(&[&at.o_proj], &s.lo, &s.attn, &[&dx2], true, &mut grads)?
+                        .ok_or_else(|| EngineError::invalid("model", "no input gradient"))?;
+                let (dq, dk, dv_rows) = if native_attention {
+                    let (dq, dk, dv) =
+                        attention::causal_backward(&d_attn, &s.q, &s.k, &s.v, &s.attn, &s.lse)?;
+                    (
+                        dq.view([b, t, nh, d]).transpose(1, 2),
+                        dk.view([b, t, nkv, d]).transpose(1, 2),
+                        dv,
+                    )
+                } else {
+                    let d_out = d_attn.view([b, t, nh, d]).transpose(1, 2);
+                    let (dq, dk, dv) =
+                        Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward::<
+                            Tensor,
+                        >(
+                            &d_out, &s.q, &s.k, &s.v, &s.out, &s.lse, 0.0, true, None, None,
+                        );
+                    (dq, dk, dv.transpose(1, 2).reshape([n, nkv * d]))
+                };
+                drop(d_attn);
                 let dq_rows = Tensor::empty([n, nh * d], (dq.kind(), dq.device()));
                 rope_backward_into(&dq_rows, &dq, &cos, &sin, b, t, d);
                 let dk_rows = Tensor::empty([n, nkv * d], (dk.kind(), dk.device()));
                 rope_backward_into(&dk_rows, &dk, &cos, &sin, b, t, d);
-                let dv_rows = dv.transpose(1, 2).reshape([n, nkv * d]);
-                drop((dq, dk, dv));
+                drop((dq, dk));
                 // The first layer's input is the frozen embedding: only the
                 // adapters' gradients are needed there.
                 let dh1 = group_backward(
@@ -538,7 +563,7 @@ impl LlamaModel {
                     &[&dq_rows, &dk_rows, &dv_rows],
                     l > 0,
                     &mut grads,
-                );
+                )?;
                 if let Some(dh1) = dh1 {
                     dy = kernels::rms_norm_backward(
                         Some(&dx2),
@@ -629,7 +654,11 @@ mod tests {
             .forward_hidden_t(&ids, None, Some(&pos), None, true)
             .unwrap();
         let dh = max_abs_diff(&hidden, &fused_hidden);
-        assert!(dh < 1e-5, "{arch}: hidden states differ by {dh}");
+        let backend = matmul::backend();
+        assert!(
+            dh < 1e-5,
+            "{arch} {t} {backend:?}: hidden states differ by {dh}"
+        );
         (&hidden * &g).sum(kind).backward();
         let reference = grads(&m);
         zero_grads(&m);
@@ -641,7 +670,7 @@ mod tests {
             let d = rel_diff(&reference, ours);
             assert!(
                 d < 1e-5,
-                "{arch} ({what} buffers): gradients differ by {d} (relative)"
+                "{arch} {t} {backend:?} ({what} buffers): gradients differ by {d} (relative)"
             );
         }
     }
@@ -650,8 +679,12 @@ mod tests {
     fn gradients_equal_autograd_on_every_architecture() {
         // llama: plain; mistral: sliding window 6, 6 positions; qwen2: q/k/v
         // biases and grouped-query attention.
-        for (arch, t) in [("llama", 9), ("mistral", 6), ("qwen2", 9)] {
-            check(arch, t);
+        // Both GEMM and attention backends, whichever the CPU would pick; 70
+        // positions take two attention blocks.
+        for backend in [matmul::Backend::Native, matmul::Backend::Libtorch] {
+            for (arch, t) in [("llama", 9), ("llama", 70), ("mistral", 6), ("qwen2", 9)] {
+                matmul::with_backend(backend, || check(arch, t));
+            }
         }
     }
 
@@ -713,7 +746,7 @@ mod tests {
             .map(|&o| Tensor::randn([64, o], (Kind::Float, Device::Cpu)))
             .collect();
 
-        let (outs, saved) = tch::no_grad(|| group_forward(&lins, &x, true));
+        let (outs, saved) = tch::no_grad(|| group_forward(&lins, &x, true)).unwrap();
         let masks = saved.masks.as_ref().expect("dropout draws masks");
         assert!(masks[1].is_none());
         for (mask, p) in [(&masks[0], 0.3), (&masks[2], 0.5)] {
@@ -738,6 +771,7 @@ mod tests {
                 &mut grads,
             )
         })
+        .unwrap()
         .expect("input gradient");
         grads.finish();
         let ours: Vec<Tensor> = lins

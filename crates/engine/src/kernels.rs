@@ -233,8 +233,8 @@ fn sigmoid(x: f32) -> f32 {
 /// Runs `body` compiled for AVX2 + FMA when the CPU has them (the generic
 /// build targets SSE2), else as is.
 macro_rules! dispatch {
-    ($name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {
-        fn $name($($arg: $ty),*) {
+    ($vis:vis $name:ident ( $($arg:ident : $ty:ty),* ) $body:block) => {
+        $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
@@ -467,7 +467,7 @@ impl<T> Slots<T> {
 
 const LANES: usize = 16;
 
-dispatch!(row_max(row: &[f32], out: &mut f32) {
+dispatch!(pub(crate) row_max(row: &[f32], out: &mut f32) {
     let mut acc = [f32::NEG_INFINITY; LANES];
     let chunks = row.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -483,7 +483,7 @@ dispatch!(row_max(row: &[f32], out: &mut f32) {
     *out = m;
 });
 
-dispatch!(row_exp_sum(row: &mut [f32], max: f32, out: &mut f32) {
+dispatch!(pub(crate) row_exp_sum(row: &mut [f32], max: f32, out: &mut f32) {
     let mut acc = [0.0f32; LANES];
     let mut chunks = row.chunks_exact_mut(LANES);
     for c in &mut chunks {
@@ -502,9 +502,17 @@ dispatch!(row_exp_sum(row: &mut [f32], max: f32, out: &mut f32) {
     *out = acc.iter().sum::<f32>() + sum;
 });
 
-dispatch!(row_scale(row: &mut [f32], by: f32) {
+dispatch!(pub(crate) row_scale(row: &mut [f32], by: f32) {
     for v in row.iter_mut() {
         *v *= by;
+    }
+});
+
+// The softmax's gradient on one row: `dp ← p ⊙ (dp − dot)`, where `dot`
+// is `Σ p ⊙ dp` (attention backward).
+dispatch!(pub(crate) softmax_grad_row(p: &[f32], dp: &mut [f32], dot: f32) {
+    for (d, &p) in dp.iter_mut().zip(p) {
+        *d = p * (*d - dot);
     }
 });
 

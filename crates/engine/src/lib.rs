@@ -9,10 +9,12 @@
 //! [`decode`] (the one-token decode step of one sequence on the CPU),
 //! [`gguf`] (GGUF reader, dequantisation), [`gguf_import`] (GGUF → HF folder),
 //! [`hub`] (model names: local folders and the Hugging Face cache), [`kernels`]
-//! (fused elementwise kernels of the training pass, on libtorch's OpenMP team).
+//! (fused elementwise kernels of the training pass, on libtorch's OpenMP team),
+//! [`matmul`] (the training pass's f32 GEMM: the `gemm` crate on that team, or libtorch's).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))] // Tests may unwrap; library code may not.
 
+pub mod attention;
 pub mod config;
 pub mod decode;
 pub mod error;
@@ -23,6 +25,7 @@ pub mod gguf_import;
 pub mod hub;
 pub mod kernels;
 pub mod lora;
+pub mod matmul;
 pub mod model;
 pub mod nn;
 pub mod tokenizer;

@@ -362,7 +362,10 @@ fn checkpointed_gradients_equal_the_ordinary_ones() {
         assert_eq!(took, b.attention_mask.is_none());
         zero(&m);
         let (l1, g1) = grads(&plain, &rows);
-        for other in [&ckpt as &dyn TrainableModel, &fused] {
+        // The fused pass may multiply with the engine's own GEMM
+        // (lora_engine::matmul), whose summation order differs from MKL's:
+        // f32 rounding, hence its looser bound.
+        for (other, tol) in [(&ckpt as &dyn TrainableModel, 1e-6), (&fused, 1e-5)] {
             let (l2, g2) = grads(other, &rows);
             assert!((l1 - l2).abs() < 1e-6 * l1.abs(), "{l1} vs {l2}");
             let scale = g1
@@ -375,7 +378,7 @@ fn checkpointed_gradients_equal_the_ordinary_ones() {
                 .map(|(a, b)| (a - b).abs().max().double_value(&[]))
                 .fold(0.0f64, f64::max);
             assert!(
-                scale > 0.0 && worst <= 1e-6 * scale,
+                scale > 0.0 && worst <= tol * scale,
                 "{rows:?}: max |Δgrad| {worst} of {scale}"
             );
         }
