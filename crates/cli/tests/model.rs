@@ -124,3 +124,49 @@ fn bad_models_and_adapters_are_named() {
     assert!(text(&o).contains("/nonexistent/adapter"), "{}", text(&o));
     assert!(!text(&o).contains("panicked"), "{}", text(&o));
 }
+
+#[test]
+fn bench_gemm_times_both_backends_and_names_a_bad_shape() {
+    let o = run(&[
+        "bench",
+        "gemm",
+        "--shapes",
+        "64x32x48,5x7x3",
+        "--reps",
+        "2",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(i64, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["m"].as_i64().unwrap(),
+                r["gemm"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (64, "native".to_owned()),
+            (64, "libtorch".to_owned()),
+            (5, "native".to_owned()),
+            (5, "libtorch".to_owned())
+        ]
+    );
+    for r in &rows {
+        assert!(r["gflops_median"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["threads"].as_i64(), Some(2), "{r}");
+    }
+    let o = run(&["bench", "gemm", "--shapes", "64x32"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("`64x32` is not MxKxN"), "{}", text(&o));
+    assert!(!text(&o).contains("panicked"), "{}", text(&o));
+}

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use lora_engine::LlamaModel;
 use lora_engine::lora::{self, LoraSpec};
+use lora_engine::matmul::{self, Backend};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
@@ -74,6 +75,9 @@ pub struct BenchResult {
     pub last_loss: f64,
     /// Model parameters (frozen + trainable).
     pub model_params: i64,
+    /// The f32 GEMM that ran (`native` or `libtorch`, see
+    /// `lora_engine::matmul`).
+    pub gemm: String,
 }
 
 /// Runs the benchmark.
@@ -156,5 +160,85 @@ pub fn bench_train(o: &BenchOptions) -> Result<BenchResult> {
         peak_rss_mb: peak_rss_mb(),
         last_loss,
         model_params,
+        gemm: backend_name(matmul::backend()).into(),
     })
+}
+
+/// `native` or `libtorch`.
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Native => "native",
+        Backend::Libtorch => "libtorch",
+    }
+}
+
+/// One product shape `m × k × n` timed on one backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmResult {
+    /// Rows of the output.
+    pub m: i64,
+    /// Inner dimension.
+    pub k: i64,
+    /// Columns of the output.
+    pub n: i64,
+    /// `native` or `libtorch`.
+    pub gemm: String,
+    /// Threads.
+    pub threads: i32,
+    /// `2·m·k·n / median time`, in GFLOP/s.
+    pub gflops_median: f64,
+    /// Median time of one product (s).
+    pub s_median: f64,
+}
+
+/// The f32 products `[m, k] × [k, n]` of `shapes` on both backends
+/// (`lora_engine::matmul`), `reps` timed calls each after 3 untimed ones:
+/// the machine's GEMM ceiling for MFU figures, and a way to check which
+/// backend is faster on a CPU.
+pub fn bench_gemm(
+    shapes: &[(i64, i64, i64)],
+    threads: i32,
+    reps: usize,
+) -> Result<Vec<GemmResult>> {
+    if threads > 0 {
+        tch::set_num_threads(threads);
+    }
+    tch::manual_seed(0);
+    let mut out = Vec::new();
+    for &(m, k, n) in shapes {
+        if m <= 0 || k <= 0 || n <= 0 {
+            return Err(TrainError::Engine(format!(
+                "bench gemm: shape {m}x{k}x{n} needs three positive sizes"
+            )));
+        }
+        let opts = (Kind::Float, Device::Cpu);
+        let (a, b) = (Tensor::randn([m, k], opts), Tensor::randn([k, n], opts));
+        let c = Tensor::empty([m, n], opts);
+        for backend in [Backend::Native, Backend::Libtorch] {
+            let times = matmul::with_backend(backend, || -> Result<Vec<f64>> {
+                let mut times = Vec::with_capacity(reps);
+                for i in 0..reps.max(1) + 3 {
+                    let t0 = Instant::now();
+                    matmul::mm_into(&c, &a, &b, false)?;
+                    if i >= 3 {
+                        times.push(t0.elapsed().as_secs_f64());
+                    }
+                }
+                Ok(times)
+            })?;
+            let mut times = times;
+            times.sort_by(f64::total_cmp);
+            let med = times[times.len() / 2];
+            out.push(GemmResult {
+                m,
+                k,
+                n,
+                gemm: backend_name(backend).into(),
+                threads: tch::get_num_threads(),
+                gflops_median: 2.0 * (m * k * n) as f64 / med / 1e9,
+                s_median: med,
+            });
+        }
+    }
+    Ok(out)
 }

@@ -1,10 +1,11 @@
 //! `lora-trainer bench train --model DIR --seq 256 --batch 4 --rank 16 --steps N [--json]`:
 //! the same work as `shared/anchors/peft_anchor.py`, printing the same fields
-//! (tokens_per_s, step_s_median, peak_rss_mb, last_loss).
+//! (tokens_per_s, step_s_median, peak_rss_mb, last_loss); `bench gemm`: f32
+//! products on both GEMM backends.
 
 use std::path::PathBuf;
 
-use lora_training::bench::{BenchOptions, bench_train};
+use lora_training::bench::{BenchOptions, bench_gemm, bench_train};
 use lora_training::skill::parse_device;
 
 use crate::output;
@@ -22,6 +23,47 @@ pub struct Args {
 pub enum What {
     /// LoRA training steps on random tokens (as peft_anchor.py).
     Train(TrainArgs),
+    /// f32 matrix products on both GEMM backends (the MFU ceiling; which
+    /// backend `LORA_TRAINER_GEMM` should name on this CPU).
+    Gemm(GemmArgs),
+}
+
+/// Arguments of `bench gemm`.
+#[derive(Debug, clap::Args)]
+pub struct GemmArgs {
+    /// Shapes `MxKxN`, comma-separated (the default: tiny's and small's
+    /// projections over a 1024-token batch, and 2048³).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = parse_shape,
+        default_value = "1024x256x704,1024x576x1536,1024x1536x576,2048x2048x2048"
+    )]
+    pub shapes: Vec<(i64, i64, i64)>,
+    /// Threads (0 = libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+    /// Timed products per shape and backend (the median is reported).
+    #[arg(long, default_value_t = 21)]
+    pub reps: usize,
+    /// One JSON line per shape and backend.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `MxKxN` → `(m, k, n)`.
+fn parse_shape(s: &str) -> Result<(i64, i64, i64), String> {
+    let bad = || format!("`{s}` is not MxKxN with three positive sizes; e.g. 1024x256x704");
+    let dims: Vec<i64> = s
+        .trim()
+        .split('x')
+        .map(|d| d.trim().parse::<i64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    match dims[..] {
+        [m, k, n] if m > 0 && k > 0 && n > 0 => Ok((m, k, n)),
+        _ => Err(bad()),
+    }
 }
 
 /// Arguments of `bench train`.
@@ -77,6 +119,38 @@ pub struct TrainArgs {
 /// Runs `bench`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
+        What::Gemm(a) => {
+            let (shapes, threads, reps) = (a.shapes, a.threads, a.reps);
+            let rows =
+                tokio::task::spawn_blocking(move || bench_gemm(&shapes, threads, reps)).await??;
+            if a.json {
+                for r in &rows {
+                    output::line(&serde_json::to_string(r)?)?;
+                }
+                Ok(())
+            } else {
+                output::table(
+                    &[
+                        "m x k x n",
+                        "gemm",
+                        "GFLOP/s (median)",
+                        "ms (median)",
+                        "threads",
+                    ],
+                    rows.iter()
+                        .map(|r| {
+                            vec![
+                                format!("{}x{}x{}", r.m, r.k, r.n),
+                                r.gemm.clone(),
+                                format!("{:.1}", r.gflops_median),
+                                format!("{:.3}", r.s_median * 1e3),
+                                r.threads.to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            }
+        }
         What::Train(a) => {
             let o = BenchOptions {
                 model_dir: a.model.clone(),
