@@ -127,6 +127,35 @@ impl Dims {
     }
 }
 
+/// `buf[rows, cols] ← scale · Q Kᵀ` for query rows `r0..r0 + rows` of head
+/// `h` in sequence `bi` against the first `cols` keys of key/value head `g`
+/// (row stride `cols`).
+///
+/// # Safety
+/// The views are checked tensors holding those rows and `d` columns, and
+/// `buf` holds at least `rows · cols` floats.
+unsafe fn scores(
+    buf: &mut [f32],
+    (rows, cols, d): (usize, usize, usize),
+    q: View,
+    k: View,
+    (bi, h, g, r0): (usize, usize, usize, usize),
+    scale: f32,
+) {
+    debug_assert!(buf.len() >= rows * cols);
+    // SAFETY: per the caller.
+    unsafe {
+        gemm_serial(
+            (rows, cols, d),
+            (buf.as_mut_ptr(), cols as isize, 1),
+            false,
+            q.mat(bi, h, r0),
+            k.mat_t(bi, g, 0),
+            scale,
+        );
+    }
+}
+
 /// Causal attention of `q` `[B, H, T, d]` over `k`, `v` `[B, H_kv, T, d]`
 /// (any strides). Returns the output as `[B·T, H·d]` rows and the rows'
 /// log-sum-exp `[B, H, T]` (for [`causal_backward`]).
@@ -159,19 +188,9 @@ pub fn causal_forward(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Ten
             for r0 in (0..t).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(t);
                 let (rows, cols) = (r1 - r0, r1);
-                // SAFETY: every pointer addresses rows of its checked
-                // tensor (r0 < r1 ≤ T, columns < d); `s` is this thread's;
-                // the output rows of (bi, h) belong to this unit alone.
-                unsafe {
-                    gemm_serial(
-                        (rows, cols, d),
-                        (s.as_mut_ptr(), cols as isize, 1),
-                        false,
-                        qv.mat(bi, h, r0),
-                        kv.mat_t(bi, g, 0),
-                        scale,
-                    );
-                }
+                // SAFETY: r0 < r1 ≤ T rows of checked tensors; `s` is this
+                // thread's and holds rows·cols floats.
+                unsafe { scores(&mut s, (rows, cols, d), qv, kv, (bi, h, g, r0), scale) };
                 for i in 0..rows {
                     let row = &mut s[i * cols..(i + 1) * cols];
                     let visible = r0 + i + 1;
@@ -185,7 +204,8 @@ pub fn causal_forward(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Ten
                     // belongs to this unit.
                     unsafe { *lv.at(bi, h, r0 + i) = max + sum.ln() };
                 }
-                // SAFETY: as above.
+                // SAFETY: as above; the output rows of (bi, h) belong to
+                // this unit alone.
                 unsafe {
                     gemm_serial(
                         (rows, d, cols),
@@ -268,17 +288,8 @@ pub fn causal_backward(
                     // their checked tensors; `p`, `dp` are this thread's; dq's
                     // rows of (bi, h) and dk/dv's slices of (bi, g) belong to
                     // this unit alone.
-                    unsafe {
-                        // P = exp(scale·Q Kᵀ − lse), zero above the diagonal.
-                        gemm_serial(
-                            (rows, cols, d),
-                            (p.as_mut_ptr(), ld, 1),
-                            false,
-                            qv.mat(bi, h, r0),
-                            kv.mat_t(bi, g, 0),
-                            scale,
-                        );
-                    }
+                    // P = exp(scale·Q Kᵀ − lse), zero above the diagonal.
+                    unsafe { scores(&mut p, (rows, cols, d), qv, kv, (bi, h, g, r0), scale) };
                     for i in 0..rows {
                         let row = &mut p[i * cols..(i + 1) * cols];
                         let (live, masked) = row.split_at_mut(r0 + i + 1);

@@ -297,6 +297,12 @@ fn group_backward(
     Ok(dx)
 }
 
+/// The error for a [`group_backward`] asked for its input gradient that
+/// returned none (it always makes one when asked).
+fn missing_input_gradient() -> EngineError {
+    EngineError::invalid("model", "the fused backward made no input gradient")
+}
+
 /// Rotary embedding of `x` `[B, T, heads, d]` (a view of the projection's
 /// rows) into a new `[B, heads, T, d]` tensor: `x·cos + rotate(x)·sin`, the
 /// sign of `rotate_half` folded into `sin` (`[B, 1, T, d]`).
@@ -503,7 +509,7 @@ impl LlamaModel {
                 // down_proj: d(act).
                 let d_act =
                     group_backward(&[&m.down_proj], &s.ld, &s.act, &[&dy], true, &mut grads)?
-                        .ok_or_else(|| EngineError::invalid("model", "no input gradient"))?;
+                        .ok_or_else(missing_input_gradient)?;
                 // SwiGLU: act = silu(gate) · up.
                 let (d_gate, d_up) = kernels::swiglu_backward(&d_act, &s.gate, &s.up)?;
                 drop(d_act);
@@ -515,7 +521,7 @@ impl LlamaModel {
                     true,
                     &mut grads,
                 )?
-                .ok_or_else(|| EngineError::invalid("model", "no input gradient"))?;
+                .ok_or_else(missing_input_gradient)?;
                 drop((d_gate, d_up));
                 let dx2 = kernels::rms_norm_backward(
                     Some(&dy),
@@ -529,7 +535,7 @@ impl LlamaModel {
                 let at = &layer.self_attn;
                 let d_attn =
                     group_backward(&[&at.o_proj], &s.lo, &s.attn, &[&dx2], true, &mut grads)?
-                        .ok_or_else(|| EngineError::invalid("model", "no input gradient"))?;
+                        .ok_or_else(missing_input_gradient)?;
                 let (dq, dk, dv_rows) = if native_attention {
                     let (dq, dk, dv) =
                         attention::causal_backward(&d_attn, &s.q, &s.k, &s.v, &s.attn, &s.lse)?;

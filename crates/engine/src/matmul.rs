@@ -43,6 +43,16 @@ pub enum Backend {
     Libtorch,
 }
 
+impl Backend {
+    /// `native` or `libtorch` (the values of [`BACKEND_ENV`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Native => "native",
+            Backend::Libtorch => "libtorch",
+        }
+    }
+}
+
 /// The environment variable that overrides [`default_backend`].
 pub const BACKEND_ENV: &str = "LORA_TRAINER_GEMM";
 
@@ -73,16 +83,19 @@ pub fn with_backend<R>(backend: Backend, f: impl FnOnce() -> R) -> R {
 /// `LORA_TRAINER_GEMM`, else [`default_backend`] (read once).
 fn process_backend() -> Backend {
     static BACKEND: OnceLock<Backend> = OnceLock::new();
-    *BACKEND.get_or_init(|| match std::env::var(BACKEND_ENV).as_deref() {
-        Ok("native") => Backend::Native,
-        Ok("libtorch") => Backend::Libtorch,
-        Ok(other) => {
+    *BACKEND.get_or_init(|| {
+        let Ok(value) = std::env::var(BACKEND_ENV) else {
+            return default_backend();
+        };
+        let named = [Backend::Native, Backend::Libtorch]
+            .into_iter()
+            .find(|b| b.name() == value);
+        named.unwrap_or_else(|| {
             tracing::warn!(
-                "{BACKEND_ENV}={other:?} is neither `native` nor `libtorch`; using the default"
+                "{BACKEND_ENV}={value:?} is neither `native` nor `libtorch`; using the default"
             );
             default_backend()
-        }
-        Err(_) => default_backend(),
+        })
     })
 }
 
@@ -245,26 +258,13 @@ pub fn mm_into(out: &Tensor, a: &Tensor, b: &Tensor, accumulate: bool) -> Result
                     len,
                 )
             };
-            gemm::gemm(
-                mm,
-                nn,
-                k,
-                dst,
-                o_cs,
-                o_rs,
+            gemm_serial(
+                (mm, nn, k),
+                (dst, o_rs, o_cs),
                 accumulate,
-                lhs,
-                a_cs,
-                a_rs,
-                rhs,
-                b_cs,
-                b_rs,
-                1.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                (lhs, a_rs, a_cs),
+                (rhs, b_rs, b_cs),
+                1.0,
             );
         }
     };
@@ -342,6 +342,10 @@ mod tests {
     /// empty inner dimension.
     #[test]
     fn products_match_libtorch_on_every_layout() {
+        with_backend(Backend::Native, products_match_libtorch);
+    }
+
+    fn products_match_libtorch() {
         tch::manual_seed(3);
         let f = (Kind::Float, Device::Cpu);
         for &(m, k, n) in &[
@@ -379,6 +383,8 @@ mod tests {
                     // Accumulating into a narrowed view of a wider buffer.
                     let wide = Tensor::randn([m, n + 3], f);
                     let view = wide.narrow(1, 2, n);
+                    // These products are the native GEMM's, not libtorch's.
+                    assert!(native_eligible(&view, &a, &b));
                     let before = view.to_kind(Kind::Double);
                     mm_into(&view, &a, &b, true).unwrap();
                     let err = (view.to_kind(Kind::Double) - (before + &want))
@@ -393,6 +399,10 @@ mod tests {
 
     #[test]
     fn bias_is_broadcast_over_rows() {
+        with_backend(Backend::Native, bias_broadcast);
+    }
+
+    fn bias_broadcast() {
         let f = (Kind::Float, Device::Cpu);
         let a = Tensor::randn([300, 20], f);
         let b = Tensor::randn([10, 20], f).tr();
@@ -404,6 +414,10 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_errors_and_overlapping_views_still_multiply() {
+        with_backend(Backend::Native, bad_shapes_and_overlaps);
+    }
+
+    fn bad_shapes_and_overlaps() {
         let f = (Kind::Float, Device::Cpu);
         let a = Tensor::randn([4, 3], f);
         let e = mm(&a, &Tensor::randn([4, 2], f)).unwrap_err().to_string();

@@ -160,16 +160,8 @@ pub fn bench_train(o: &BenchOptions) -> Result<BenchResult> {
         peak_rss_mb: peak_rss_mb(),
         last_loss,
         model_params,
-        gemm: backend_name(matmul::backend()).into(),
+        gemm: matmul::backend().name().into(),
     })
-}
-
-/// `native` or `libtorch`.
-fn backend_name(b: Backend) -> &'static str {
-    match b {
-        Backend::Native => "native",
-        Backend::Libtorch => "libtorch",
-    }
 }
 
 /// One product shape `m × k × n` timed on one backend.
@@ -215,7 +207,7 @@ pub fn bench_gemm(
         let (a, b) = (Tensor::randn([m, k], opts), Tensor::randn([k, n], opts));
         let c = Tensor::empty([m, n], opts);
         for backend in [Backend::Native, Backend::Libtorch] {
-            let times = matmul::with_backend(backend, || -> Result<Vec<f64>> {
+            let mut times = matmul::with_backend(backend, || -> Result<Vec<f64>> {
                 let mut times = Vec::with_capacity(reps);
                 for i in 0..reps.max(1) + 3 {
                     let t0 = Instant::now();
@@ -226,14 +218,13 @@ pub fn bench_gemm(
                 }
                 Ok(times)
             })?;
-            let mut times = times;
             times.sort_by(f64::total_cmp);
             let med = times[times.len() / 2];
             out.push(GemmResult {
                 m,
                 k,
                 n,
-                gemm: backend_name(backend).into(),
+                gemm: backend.name().into(),
                 threads: tch::get_num_threads(),
                 gflops_median: 2.0 * (m * k * n) as f64 / med / 1e9,
                 s_median: med,

@@ -160,17 +160,9 @@ fn loss_and_grad(
             // Ignored rows take class 0 for the arithmetic; their loss,
             // accuracy and gradient are masked out below.
             let tc = t.narrow(0, start, len).clamp_min(0).unsqueeze(1);
-            let f32_cpu = hc.kind() == Kind::Float
-                && w.kind() == Kind::Float
-                && hc.device() == tch::Device::Cpu
-                && w.device() == tch::Device::Cpu;
-            let mut logits = if f32_cpu {
-                // The engine's f32 GEMM (lora_engine::matmul: MKL's AVX2 path
-                // is slow on AMD processors).
-                lora_engine::matmul::mm(&hc, &w.tr())?
-            } else {
-                hc.matmul(&w.tr())
-            };
+            // lora_engine::matmul: the engine's GEMM for f32 CPU products on
+            // AMD processors (MKL's AVX2 path is slow there), else libtorch's.
+            let mut logits = lora_engine::matmul::mm(&hc, &w.tr())?;
             if logits.kind() != Kind::Float && logits.kind() != Kind::Double {
                 logits = logits.to_kind(Kind::Float);
             }
@@ -187,11 +179,7 @@ fn loss_and_grad(
                 stats.loss_sum += loss;
                 stats.n_correct += correct;
                 if backward {
-                    grads.push(if f32_cpu {
-                        lora_engine::matmul::mm(&logits, &w)?
-                    } else {
-                        logits.matmul(&w).to_kind(hd.kind())
-                    });
+                    grads.push(lora_engine::matmul::mm(&logits, &w)?.to_kind(hd.kind()));
                 }
                 start += len;
                 continue;
