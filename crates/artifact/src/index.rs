@@ -88,6 +88,9 @@ CREATE INDEX tags_tag ON tags(tag);
 /// The current time as SQLite writes it (RFC 3339, UTC, milliseconds).
 pub const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ','now')";
 
+/// How long a connection waits for another's lock before reporting it.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Opens (creating when `create`) the index and brings it to the current schema.
 pub fn open(path: &Path, create: bool) -> Result<Connection> {
     let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -96,11 +99,23 @@ pub fn open(path: &Path, create: bool) -> Result<Connection> {
     }
     let err = |e| ArtifactError::index(path, e);
     let mut conn = Connection::open_with_flags(path, flags).map_err(err)?;
-    conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     // journal_mode=WAL is persistent in the file; setting it again is a no-op.
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-        .map_err(err)?;
+    // The first switch of a new file needs an exclusive lock, and SQLite
+    // reports a rival connection's lock as busy at once, without its busy
+    // handler (connections opening a new store together), so retry it here.
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => break other.map_err(err)?,
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(ArtifactError::io(
             path,
@@ -312,4 +327,29 @@ pub fn experiments(conn: &Connection) -> rusqlite::Result<Vec<(String, u64, i64,
         ))
     })?
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections opening one new index at once: the first switch to WAL
+    /// needs an exclusive lock, and SQLite answers it with "database is
+    /// locked" without calling the busy handler. Every open must succeed.
+    #[test]
+    fn connections_opening_a_new_index_at_once_all_succeed() {
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("index.sqlite");
+            let results: Vec<Result<()>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..6)
+                    .map(|_| s.spawn(|| open(&path, true).map(drop)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for r in results {
+                assert!(r.is_ok(), "round {round}: {}", r.unwrap_err());
+            }
+        }
+    }
 }
